@@ -1,0 +1,1455 @@
+"""data.py: the one module the medssl scripts share.
+
+Reading (DICOM and ordinary images), radiology reports, data-set adapters for the
+real on-disk layouts, label files, patient-level splits and label fractions, the
+decode cache, the augmentation presets, and the built-in demo data set.
+
+    python data.py demo /tmp/demo            # write the demo data set and print a summary
+    python data.py bench-cache               # images/s: decoding full-size DICOM vs reading the cache
+
+Conventions: every image comes out as float32 in [0, 1]; a grayscale image is H x W,
+a colour one H x W x 3; datasets return C x S x S tensors. Every reading error is a
+`BadImageError` whose message starts with the file's path and says the cause.
+"""
+import argparse
+import csv
+import fcntl
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2 as T
+
+IMAGE_EXTS = {".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class BadImageError(Exception):
+    """An image that cannot be read; the message names the file and the cause."""
+
+
+# ----------------------------------------------------------------------------------
+# DICOM
+# ----------------------------------------------------------------------------------
+
+# Which package decodes which transfer syntax (pydicom's pixel-data handler table).
+_DECODER_HINT = {
+    "1.2.840.10008.1.2.4.50": "pylibjpeg and pylibjpeg-libjpeg",  # JPEG baseline
+    "1.2.840.10008.1.2.4.51": "pylibjpeg and pylibjpeg-libjpeg",  # JPEG extended
+    "1.2.840.10008.1.2.4.57": "pylibjpeg and pylibjpeg-libjpeg",  # JPEG lossless
+    "1.2.840.10008.1.2.4.70": "pylibjpeg and pylibjpeg-libjpeg",  # JPEG lossless SV1
+    "1.2.840.10008.1.2.4.80": "pylibjpeg and pylibjpeg-libjpeg",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81": "pylibjpeg and pylibjpeg-libjpeg",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.90": "pylibjpeg and pylibjpeg-openjpeg",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91": "pylibjpeg and pylibjpeg-openjpeg",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201": "pylibjpeg and pylibjpeg-openjpeg",  # HTJ2K
+    "1.2.840.10008.1.2.4.202": "pylibjpeg and pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.203": "pylibjpeg and pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.5": "pylibjpeg and pylibjpeg-rle (pydicom's own RLE decoder should also work)",
+}
+
+
+def _read_dicom(path):
+    """(dataset, raw pixel array of the first frame) or BadImageError naming the cause."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    path = str(path)
+    if not os.path.isfile(path):
+        raise BadImageError(f"{path}: file not found")
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError as e:
+        raise BadImageError(f"{path}: not a DICOM file ({e})") from None
+    except Exception as e:  # a header cut short, an unreadable element
+        raise BadImageError(f"{path}: unreadable DICOM header ({type(e).__name__}: {e})") from None
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        kind = ds.get("Modality", "") or str(ds.get("SOPClassUID", "unknown SOP class"))
+        raise BadImageError(f"{path}: DICOM has no pixel data (modality/SOP class: {kind}); "
+                            "it is not an image, e.g. an RT plan or a structured report")
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # Multi-frame files: only the first frame is read (index=0), which is what a
+            # radiograph is; a CT/MR volume would need a slice choice this project has no use for.
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            arr = ds.pixel_array if frames == 1 else ds.pixel_array[0]
+    except ValueError as e:
+        if "less than expected" in str(e) or "truncat" in str(e).lower():
+            raise BadImageError(f"{path}: pixel data is truncated ({e})") from None
+        raise BadImageError(f"{path}: pixel data cannot be decoded ({e})") from None
+    except (RuntimeError, NotImplementedError) as e:
+        name = getattr(tsyntax, "name", str(tsyntax))
+        hint = _DECODER_HINT.get(str(tsyntax))
+        if hint and ("no plugins" in str(e) or "missing" in str(e).lower() or "no pixel data decoders" in str(e)):
+            msg = f"transfer syntax '{name}' needs a decoder that is not installed: pip install {hint}"
+        elif hint:
+            msg = f"transfer syntax '{name}' could not be decoded, the data may be corrupt ({e})"
+        else:
+            msg = f"no installed decoder handles transfer syntax '{name}' ({e})"
+        raise BadImageError(f"{path}: {msg}") from None
+    except Exception as e:
+        raise BadImageError(f"{path}: pixel data cannot be decoded ({type(e).__name__}: {e})") from None
+    return ds, arr
+
+
+def _window(x, center, width, function="LINEAR"):
+    """VOI windowing to [0, 1], DICOM PS3.3 C.11.2.1.2 (LINEAR, LINEAR_EXACT, SIGMOID)."""
+    function = (function or "LINEAR").upper()
+    width = max(float(width), 1.0)
+    if function == "SIGMOID":  # C.11.2.1.3.1
+        return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+    if function == "LINEAR_EXACT":  # C.11.2.1.3.2
+        return np.clip((x - center) / width + 0.5, 0.0, 1.0)
+    # LINEAR, C.11.2.1.2.1: y = ((x - (c - 0.5)) / (w - 1) + 0.5), clipped to the range
+    return np.clip((x - (center - 0.5)) / max(width - 1.0, 1.0) + 0.5, 0.0, 1.0)
+
+
+def _first(v):
+    """First value of a possibly multi-valued DICOM element."""
+    try:
+        return float(v[0]) if isinstance(v, (list, tuple)) or hasattr(v, "__getitem__") and not isinstance(v, (str, bytes)) else float(v)
+    except TypeError:
+        return float(v)
+
+
+def _dicom_to_display(ds, arr, path):
+    """Grayscale stored values -> display-ready [0, 1] (modality LUT, VOI, MONOCHROME1)."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    x = apply_modality_lut(arr, ds).astype(np.float64)
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+        item = ds.VOILUTSequence[0]
+        bits = int(item.LUTDescriptor[2])
+        y = apply_voi_lut(np.rint(x).astype(np.int64), ds, index=0, prefer_lut=True)  # LUT input: modality values
+        y = np.asarray(y, np.float64) / float(2 ** bits - 1)
+    elif "WindowCenter" in ds and "WindowWidth" in ds and ds.WindowWidth not in (None, ""):
+        y = _window(x, _first(ds.WindowCenter), _first(ds.WindowWidth), ds.get("VOILUTFunction", "LINEAR"))
+    else:
+        # No VOI: the full range the stored bits can hold, passed through the modality LUT.
+        # (Not the image's own min/max: that would make intensity depend on content.)
+        bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
+        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if int(ds.get("PixelRepresentation", 0)) else (0, 2 ** bits - 1)
+        slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+        if "ModalityLUTSequence" in ds:
+            lo, hi = float(x.min()), float(x.max())
+        else:
+            lo, hi = sorted((lo * slope + intercept, hi * slope + intercept))
+        y = (x - lo) / max(hi - lo, 1e-12)
+    y = np.clip(y, 0.0, 1.0)
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        y = 1.0 - y  # MONOCHROME1 stores bone dark; invert so bone and metal are bright everywhere
+    if not np.isfinite(y).all():
+        raise BadImageError(f"{path}: pixel values are not finite after rescale/windowing")
+    return y.astype(np.float32)
+
+
+def _dicom_colour(ds, arr):
+    """Colour DICOM (RGB, YBR_*) -> H x W x 3 RGB in [0, 1].
+
+    pydicom 3 already returns RGB for YBR_FULL / YBR_FULL_422 data, compressed or not."""
+    bits = int(ds.get("BitsStored", 8))
+    return (arr.astype(np.float64) / (2 ** bits - 1)).clip(0, 1).astype(np.float32)
+
+
+def _luminance(rgb):
+    """ITU-R BT.601 luma, as PIL's convert('L'): 0.299 R + 0.587 G + 0.114 B."""
+    return (rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114).astype(np.float32)
+
+
+def load_dicom(path):
+    """A DICOM image as a display-ready float32 H x W array in [0, 1].
+
+    Stored values -> modality LUT (RescaleSlope/Intercept or Modality LUT Sequence)
+    -> VOI (VOI LUT Sequence, else WindowCenter/Width with VOILUTFunction, else the full
+    stored range) -> MONOCHROME1 inverted -> [0, 1]. Multi-frame: the first frame.
+    Colour (RGB, YBR_*) -> luminance. PALETTE COLOR -> its RGB -> luminance.
+    """
+    ds, arr = _read_dicom(path)
+    pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    if pi == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        rgb = apply_color_lut(arr, ds).astype(np.float64)
+        return _luminance(rgb / max(float(rgb.max()), 1.0))
+    if arr.ndim == 3:
+        return _luminance(_dicom_colour(ds, arr))
+    return _dicom_to_display(ds, arr, path)
+
+
+def is_dicom(path):
+    """True when the file has the 'DICM' magic at byte 128 (or a .dcm/.dicom name)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            if f.read(4) == b"DICM":
+                return True
+    except OSError:
+        return False
+    return Path(path).suffix.lower() in (".dcm", ".dicom")
+
+
+def load_image(path, channels=1):
+    """Any supported image as float32 in [0, 1]: H x W (channels=1) or H x W x 3 (channels=3).
+
+    DICOM is recognised by its 'DICM' preamble, whatever the file is called; otherwise
+    PNG (8/16 bit), JPEG, BMP, TIFF via Pillow. channels=3 keeps colour (cytology) and
+    replicates a grayscale image; channels=1 turns colour into luminance.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    path = str(path)
+    if not os.path.isfile(path):
+        raise BadImageError(f"{path}: file not found")
+    if is_dicom(path):
+        if channels == 1:
+            return load_dicom(path)
+        ds, arr = _read_dicom(path)
+        if arr.ndim == 3:
+            return _dicom_colour(ds, arr)
+        return np.repeat(load_dicom(path)[..., None], 3, axis=2)
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                a = np.asarray(im, dtype=np.float64)
+                # 16-bit PNG/TIFF: Pillow reports mode I or I;16; both hold 0..65535
+                a = a / 65535.0 if a.max() > 255 or im.mode.startswith("I;16") else a / 255.0
+            elif im.mode == "F":
+                a = np.asarray(im, dtype=np.float64)
+                lo, hi = float(a.min()), float(a.max())
+                a = (a - lo) / max(hi - lo, 1e-12)
+            elif im.mode in ("L", "1", "P", "LA", "RGB", "RGBA", "CMYK", "YCbCr"):
+                im = im.convert("L" if im.mode in ("L", "1", "LA") else "RGB")
+                a = np.asarray(im, dtype=np.float64) / 255.0
+            else:
+                a = np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0
+    except UnidentifiedImageError:
+        raise BadImageError(f"{path}: not an image file that Pillow or pydicom can read") from None
+    except OSError as e:  # truncated JPEG/PNG
+        raise BadImageError(f"{path}: image data is truncated or corrupt ({e})") from None
+    a = a.clip(0, 1).astype(np.float32)
+    if a.ndim == 2:
+        return a if channels == 1 else np.repeat(a[..., None], 3, axis=2)
+    return _luminance(a) if channels == 1 else a
+
+
+def fit_square(img, size):
+    """H x W or H x W x C float array -> C x size x size tensor: shorter side to `size`, centre crop.
+
+    Antialiased bilinear resize, as PIL does; the centre crop loses at most the long
+    side's margins, which on chest radiographs are outside the lungs.
+    """
+    t = torch.from_numpy(np.ascontiguousarray(img))
+    t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
+    h, w = t.shape[-2:]
+    s = size / min(h, w)
+    nh, nw = max(size, round(h * s)), max(size, round(w * s))
+    if (nh, nw) != (h, w):
+        t = F.interpolate(t[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return t[:, top:top + size, left:left + size].clamp(0, 1).contiguous()
+
+
+# ----------------------------------------------------------------------------------
+# Reports
+# ----------------------------------------------------------------------------------
+
+# A heading: capitalised words ending in a colon, e.g. "FINDINGS:", "WET READ:", "PA AND LATERAL VIEWS OF THE CHEST:"
+_HEADING = re.compile(r"(?:(?<=^)|(?<=[\s.]))([A-Z][A-Z&/()\- ]{1,60}[A-Z)]):")
+_ALIASES = {"finding": "findings", "findings": "findings", "impression": "impression",
+            "impressions": "impression", "conclusion": "impression", "conclusions": "impression"}
+# Words whose full stop never ends a sentence here. Units ("3 cm.") and "p.m." can end one, so
+# they are not listed: a split needs a capital or digit after the stop anyway.
+_ABBREVIATIONS = {"dr", "mr", "mrs", "ms", "vs", "e.g", "i.e", "approx", "st", "fig", "cf", "pt", "pts", "hx",
+                  "jr", "sr", "al", "resp", "incl", "ca"}
+
+
+def _clean(text):
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def parse_report(text):
+    """Sections of a MIMIC-CXR-style free-text report: dict of lower-case heading -> text.
+
+    Always has 'findings' and 'impression' ('' when absent). Headings are capitalised
+    words ending in a colon, on their own line or inline; 'FINAL REPORT' banners are
+    dropped; whitespace and line wraps are collapsed. Text before the first heading is
+    kept under 'preamble'.
+    """
+    text = re.sub(r"\bFINAL REPORT\b", " ", text or "")
+    sections = {"findings": "", "impression": "", "preamble": ""}
+    matches = list(_HEADING.finditer(text))
+    sections["preamble"] = _clean(text[:matches[0].start()] if matches else text)
+    for m, nxt in zip(matches, matches[1:] + [None]):
+        name = _clean(m.group(1)).lower()
+        name = _ALIASES.get(name, name)
+        body = _clean(text[m.end():nxt.start() if nxt else len(text)])
+        sections[name] = (sections.get(name, "") + " " + body).strip() if sections.get(name) else body
+    return sections
+
+
+def split_sentences(text):
+    """Sentences of a text; abbreviations, initials, decimals and list numbers do not split."""
+    text = _clean(text)
+    out, start = [], 0
+    for m in re.finditer(r"[.!?]+(?=\s+[A-Z0-9(\"'_]|\s*$)", text):
+        before = text[start:m.start()].split()
+        last = before[-1].lower().strip("(\"'") if before else ""
+        if last in _ABBREVIATIONS or re.fullmatch(r"[a-z]", last) or re.fullmatch(r"\d+", last) and len(before) == 1:
+            continue  # "Dr.", an initial, or a list marker "1."
+        sentence = text[start:m.end()].strip()
+        start = m.end()
+        sentence = re.sub(r"^\(?\d+[.)]\s+", "", sentence)  # drop a leading list marker
+        if re.search(r"[A-Za-z]", sentence):
+            out.append(sentence)
+    tail = re.sub(r"^\(?\d+[.)]\s+", "", text[start:].strip())
+    if re.search(r"[A-Za-z]", tail):
+        out.append(tail)
+    return out
+
+
+def report_sentences(text):
+    """Sentences of findings + impression (the whole text when neither exists), for ConVIRT's
+    random-sentence text augmentation."""
+    s = parse_report(text)
+    body = " ".join(p for p in (s["findings"], s["impression"]) if p)
+    if not body:
+        body = " ".join(v for k, v in s.items() if v)
+    return split_sentences(body)
+
+
+# ----------------------------------------------------------------------------------
+# Data-set adapters: real on-disk layouts -> lists of paths (+ reports or labels)
+# ----------------------------------------------------------------------------------
+
+def _read_csv(csv_path, required=()):
+    """Rows of a CSV as dicts; a missing file or column is a clear error naming both."""
+    csv_path = str(csv_path)
+    if not os.path.isfile(csv_path):
+        raise FileNotFoundError(f"{csv_path}: CSV file not found")
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        cols = reader.fieldnames or []
+        missing = [c for c in required if c not in cols]
+        if missing:
+            raise ValueError(f"{csv_path}: missing column(s) {missing}; the file has {cols}")
+        return list(reader)
+
+
+def find_images(root):
+    """Every image or DICOM file below a folder, sorted (extension-less DICOMs found by preamble)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: data folder not found")
+    out = []
+    for dirpath, dirnames, files in os.walk(root):
+        dirnames.sort()
+        for f in sorted(files):
+            p = os.path.join(dirpath, f)
+            ext = Path(f).suffix.lower()
+            if ext in IMAGE_EXTS or (ext == "" and is_dicom(p)):
+                out.append(p)
+    if not out:
+        raise ValueError(f"{root}: no images found (looked for {sorted(IMAGE_EXTS)} and DICOM files)")
+    return out
+
+
+def mimic_cxr_pairs(root, metadata_csv=None, split_csv=None, split=None, views=("PA", "AP")):
+    """Image-report pairs in the MIMIC-CXR (DICOM) or MIMIC-CXR-JPG layout.
+
+        root/files/p10/p10000032/s50414267/02aa804e-....dcm   (or .jpg)
+        root/files/p10/p10000032/s50414267.txt                 the study's report
+
+    metadata_csv (mimic-cxr-2.0.0-metadata.csv): keep only images whose ViewPosition is in
+    `views`. split_csv (mimic-cxr-2.0.0-split.csv) with split='train'|'validate'|'test':
+    keep that official split. Returns (image paths, report texts, patient ids).
+    """
+    root = Path(root)
+    files = root / "files" if (root / "files").is_dir() else root
+    keep_view = keep_split = None
+    if metadata_csv:
+        keep_view = {r["dicom_id"] for r in _read_csv(metadata_csv, ("dicom_id", "ViewPosition"))
+                     if r["ViewPosition"] in views}
+    if split_csv and split:
+        keep_split = {r["dicom_id"] for r in _read_csv(split_csv, ("dicom_id", "split")) if r["split"] == split}
+    paths, reports, patients = [], [], []
+    for img in find_images(files):
+        p = Path(img)
+        study = p.parent
+        if not study.name.startswith("s"):
+            continue
+        if (keep_view is not None and p.stem not in keep_view) or (keep_split is not None and p.stem not in keep_split):
+            continue
+        txt = study.with_suffix(".txt")
+        if not txt.is_file():
+            continue
+        paths.append(img)
+        reports.append(txt.read_text(errors="replace"))
+        patients.append(study.parent.name)
+    if not paths:
+        raise ValueError(f"{root}: no MIMIC-CXR image/report pairs found (expected files/pXX/pSUBJECT/sSTUDY/*.dcm|jpg "
+                         "beside sSTUDY.txt)")
+    return paths, reports, patients
+
+
+def csv_pairs(csv_path, image_col="path", report_col="report", root=None):
+    """Image-report pairs from a CSV: an image path column and a report column holding the
+    text itself or the path of a .txt file. Relative paths are read from `root` (default:
+    the CSV's folder). Returns (paths, reports, patient ids = paths)."""
+    rows = _read_csv(csv_path, (image_col, report_col))
+    base = Path(root or Path(csv_path).parent)
+    paths, reports = [], []
+    for r in rows:
+        paths.append(str(base / r[image_col]))
+        rep = r[report_col]
+        rp = base / rep
+        reports.append(rp.read_text(errors="replace") if len(rep) < 4096 and rep.endswith(".txt") and rp.is_file() else rep)
+    return paths, reports, list(paths)
+
+
+def unlabelled_images(data, image_col="path"):
+    """Paths for image-only pretraining: a folder tree, or a CSV with an image path column."""
+    data = str(data)
+    if data.endswith(".csv"):
+        base = Path(data).parent
+        return [str(base / r[image_col]) for r in _read_csv(data, (image_col,))]
+    return find_images(data)
+
+
+def read_rsna_labels(csv_path):
+    """RSNA Pneumonia `stage_2_train_labels.csv` -> {patientId: 0|1}.
+
+    The file has one row per box and several rows per positive patient (x, y, width,
+    height, Target); a patient is positive when any of its rows has Target 1. Images are
+    `{patientId}.dcm`.
+    """
+    labels = {}
+    for r in _read_csv(csv_path, ("patientId", "Target")):
+        t = int(float(r["Target"]))
+        if t not in (0, 1):
+            raise ValueError(f"{csv_path}: Target must be 0 or 1, got {r['Target']!r} for {r['patientId']}")
+        labels[r["patientId"]] = max(labels.get(r["patientId"], 0), t)
+    return labels
+
+
+CHEXPERT_14 = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+               "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+               "Fracture", "Support Devices"]
+CHEXPERT_5 = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
+
+
+def read_chexpert_labels(csv_path, policy="ones", observations=CHEXPERT_14, image_root=None):
+    """CheXpert `train.csv` or MIMIC-CXR's `mimic-cxr-2.0.0-chexpert.csv` -> (paths, labels, mask).
+
+    Values: 1 positive, 0 negative, -1 uncertain, blank not mentioned (-> 0). policy for -1:
+    'ones' -> 1, 'zeros' -> 0, 'ignore' -> 0 with mask 0 (leave it out of the loss).
+    CheXpert: the 'Path' column, relative to image_root (default: the CSV's parent folder).
+    MIMIC-CXR: the file is per study (subject_id, study_id); each image of
+    image_root/files/pXX/pSUBJECT/sSTUDY/ gets its study's labels.
+    labels and mask are float32 arrays of shape (n_images, len(observations)).
+    """
+    if policy not in ("ones", "zeros", "ignore"):
+        raise ValueError(f"uncertainty policy must be ones, zeros or ignore, got {policy!r}")
+    rows = _read_csv(csv_path, tuple(observations))
+    if rows and "Path" not in rows[0] and not {"subject_id", "study_id"} <= set(rows[0]):
+        raise ValueError(f"{csv_path}: needs a 'Path' column (CheXpert) or 'subject_id' and 'study_id' (MIMIC-CXR)")
+    base = Path(image_root) if image_root else Path(csv_path).parent.parent
+    paths, labels, mask = [], [], []
+    for r in rows:
+        vals, m = [], []
+        for o in observations:
+            v = (r[o] or "").strip()
+            v = float(v) if v else 0.0
+            if v not in (1.0, 0.0, -1.0):
+                raise ValueError(f"{csv_path}: {o} must be 1, 0, -1 or blank, got {r[o]!r}")
+            if v == -1.0:
+                vals.append(1.0 if policy == "ones" else 0.0)
+                m.append(0.0 if policy == "ignore" else 1.0)
+            else:
+                vals.append(v)
+                m.append(1.0)
+        if "Path" in r:
+            images = [str(base / r["Path"])]
+        else:
+            sid = str(r["subject_id"])
+            study = base / "files" / f"p{sid[:2]}" / f"p{sid}" / f"s{r['study_id']}"
+            images = sorted(str(p) for p in study.glob("*") if p.suffix.lower() in IMAGE_EXTS) if study.is_dir() else []
+        for p in images:
+            paths.append(p)
+            labels.append(vals)
+            mask.append(m)
+    if not paths:
+        raise ValueError(f"{csv_path}: no labelled images found under {base}")
+    return paths, np.asarray(labels, np.float32), np.asarray(mask, np.float32)
+
+
+HERLEV_CLASSES = ["normal_superficiel", "normal_intermediate", "normal_columnar", "light_dysplastic",
+                  "moderate_dysplastic", "severe_dysplastic", "carcinoma_in_situ"]
+GROUPINGS = {
+    # Herlev's usual 2-class task: the three normal classes vs the four abnormal ones
+    "herlev-2class": {c: ("normal" if c.startswith("normal") else "abnormal") for c in HERLEV_CLASSES},
+}
+
+
+def read_class_folders(root, grouping=None):
+    """Class-folder layouts (Herlev, SIPaKMeD, LBC, any root/CLASS/**/image).
+
+    Returns (paths, labels, class names). grouping: None, a name in GROUPINGS
+    ('herlev-2class'), or a dict {folder name: group name}.
+    MURA-style folders (.../study1_positive/...) are read by read_mura instead.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: data folder not found")
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if isinstance(grouping, str):
+        if grouping not in GROUPINGS:
+            raise ValueError(f"unknown grouping {grouping!r}; known: {sorted(GROUPINGS)}")
+        grouping = GROUPINGS[grouping]
+    if grouping:
+        unknown = [f for f in folders if f not in grouping]
+        if unknown:
+            raise ValueError(f"{root}: folders {unknown} are not in the grouping {sorted(grouping)}")
+    names = sorted(set(grouping[f] for f in folders)) if grouping else folders
+    paths, labels = [], []
+    for f in folders:
+        for p in find_images(root / f):
+            paths.append(p)
+            labels.append(names.index(grouping[f] if grouping else f))
+    if len(set(labels)) < 2:
+        raise ValueError(f"{root}: needs at least two class folders, found {folders}")
+    return paths, np.asarray(labels, np.int64), names
+
+
+def read_mura(root):
+    """MURA: root/XR_ELBOW/patient00011/study1_negative/image1.png -> (paths, labels, patient ids)."""
+    paths, labels, patients = [], [], []
+    for p in find_images(root):
+        study = Path(p).parent.name
+        if study.endswith("_positive") or study.endswith("_negative"):
+            paths.append(p)
+            labels.append(int(study.endswith("_positive")))
+            patients.append(Path(p).parent.parent.name)
+    if not paths:
+        raise ValueError(f"{root}: no MURA study folders (studyN_positive / studyN_negative) found")
+    return paths, np.asarray(labels, np.int64), patients
+
+
+def read_hicervix(csv_path, image_root, level=1, image_col="image_name"):
+    """HiCervix-style CSV with hierarchical columns level_1, level_2, level_3.
+
+    Rows whose chosen level is blank (the class has no finer label) are left out.
+    Returns (paths, labels, class names).
+    """
+    col = f"level_{level}"
+    rows = _read_csv(csv_path, (image_col, col))
+    rows = [r for r in rows if (r[col] or "").strip()]
+    names = sorted({r[col].strip() for r in rows})
+    paths = [str(Path(image_root) / r[image_col]) for r in rows]
+    return paths, np.asarray([names.index(r[col].strip()) for r in rows], np.int64), names
+
+
+def read_label_csv(csv_path, path_col="path", label_col="label", root=None):
+    """Generic CSV: a path column and either one label column (class names or integers ->
+    multi-class) or several columns given as a list (0/1 each -> multi-label).
+    Returns (paths, labels, class names)."""
+    cols = [label_col] if isinstance(label_col, str) else list(label_col)
+    rows = _read_csv(csv_path, [path_col] + cols)
+    base = Path(root or Path(csv_path).parent)
+    paths = [str(base / r[path_col]) for r in rows]
+    if len(cols) > 1:
+        return paths, np.asarray([[float(r[c] or 0) for c in cols] for r in rows], np.float32), cols
+    values = [r[label_col].strip() for r in rows]
+    names = sorted(set(values), key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
+    return paths, np.asarray([names.index(v) for v in values], np.int64), names
+
+
+# ----------------------------------------------------------------------------------
+# Splits and label fractions
+# ----------------------------------------------------------------------------------
+
+def patient_split(ids, fractions=(0.7, 0.15, 0.15), seed=0):
+    """Index arrays, one per fraction, with no patient in two of them.
+
+    Patients are shuffled with `seed` and dealt in turn to the split furthest below its
+    target share of images, so the image counts follow `fractions` as closely as the
+    patient sizes allow.
+    """
+    ids = [str(i) for i in ids]
+    fr = np.asarray(fractions, np.float64)
+    if (fr < 0).any() or not math.isclose(fr.sum(), 1.0, abs_tol=1e-6):
+        raise ValueError(f"split fractions must be >= 0 and sum to 1, got {list(fractions)}")
+    groups = {}
+    for i, p in enumerate(ids):
+        groups.setdefault(p, []).append(i)
+    patients = sorted(groups)
+    rng = np.random.default_rng(seed)
+    rng.shuffle(patients)
+    out, counts, total = [[] for _ in fr], np.zeros(len(fr)), len(ids)
+    for p in patients:
+        k = int(np.argmax(fr * total - counts))
+        out[k].extend(groups[p])
+        counts[k] += len(groups[p])
+    return [np.asarray(sorted(o), np.int64) for o in out]
+
+
+def label_fraction(labels, fraction, seed=0):
+    """Indices of a stratified, deterministic, nested subset holding `fraction` of the labels.
+
+    Multi-class (1-D labels): per class, a fixed seeded permutation and its first
+    max(1, round(fraction * n_class)) members; so the 1 % subset lies inside the 10 %
+    one for the same seed, and every class keeps at least one example.
+    Multi-label (2-D 0/1 labels): the first round(fraction * n) of one seeded permutation,
+    plus the first positive of every class in that order (nested for the same reason).
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    if labels.ndim == 1:
+        chosen = []
+        for c in np.unique(labels):
+            idx = np.flatnonzero(labels == c)
+            idx = idx[rng.permutation(len(idx))]
+            chosen.append(idx[:max(1, int(round(fraction * len(idx))))])
+        return np.sort(np.concatenate(chosen))
+    order = rng.permutation(len(labels))
+    chosen = set(order[:max(1, int(round(fraction * len(labels))))].tolist())
+    for c in range(labels.shape[1]):
+        pos = order[labels[order, c] > 0]
+        if len(pos):
+            chosen.add(int(pos[0]))
+    return np.asarray(sorted(chosen), np.int64)
+
+
+# ----------------------------------------------------------------------------------
+# Decode cache
+# ----------------------------------------------------------------------------------
+
+def default_cache_dir():
+    return os.environ.get("MEDSSL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "medssl"))
+
+
+def _decode_one(job):
+    path, size, channels = job
+    try:
+        return fit_square(load_image(path, channels), size).numpy(), None
+    except BadImageError as e:
+        return None, str(e)
+
+
+class DecodeCache:
+    """Decoded, resized images in one on-disk numpy memmap, shared by epochs, runs and workers.
+
+    Layout: ROOT/{size}px-{channels}ch-{dtype}/pixels.bin (slots of C x size x size) and
+    index.json {key: slot}, key = absolute path | file size | mtime_ns. A file that changes
+    gets a new key, so it is decoded again into a new slot (the stale slot is left unused).
+    Writers take an exclusive lock on the folder, so DDP ranks and concurrent runs can
+    share one cache; readers only map the file.
+    """
+
+    def __init__(self, root, size, channels, dtype="uint8"):
+        if dtype not in ("uint8", "uint16"):
+            raise ValueError(f"cache dtype must be uint8 or uint16, got {dtype}")
+        self.size, self.channels, self.dtype = size, channels, np.dtype(dtype)
+        self.scale = float(np.iinfo(self.dtype).max)
+        self.dir = Path(root) / f"{size}px-{channels}ch-{dtype}"
+        self.data_path, self.index_path = self.dir / "pixels.bin", self.dir / "index.json"
+        self.shape = (channels, size, size)
+        self._mm = None
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(path):
+        st = os.stat(path)
+        return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+
+    def _load_index(self):
+        if self.index_path.is_file():
+            return json.loads(self.index_path.read_text())
+        return {"slots": {}, "bad": {}}
+
+    def build(self, paths, workers=0, progress=False):
+        """Slot per path (-1 for an unreadable file) and {path: reason} of unreadable ones.
+
+        Decodes only what the index lacks; a file that fails is remembered (with its key) so
+        it is not retried on every run.
+        """
+        self.dir.mkdir(parents=True, exist_ok=True)
+        keys = []
+        for p in paths:
+            if not os.path.isfile(p):
+                keys.append(None)
+            else:
+                keys.append(self.key(p))
+        with open(self.dir / "lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            index = self._load_index()
+            todo = sorted({(k, p) for k, p in zip(keys, paths) if k and k not in index["slots"] and k not in index["bad"]})
+            self.misses, self.hits = len(todo), len(paths) - len(todo)
+            if todo:
+                jobs = [(p, self.size, self.channels) for _, p in todo]
+                if workers > 1:
+                    import multiprocessing as mp
+
+                    # spawn, not fork: a forked child of a process that already ran torch's
+                    # OpenMP kernels can deadlock in them
+                    pool = mp.get_context("spawn").Pool(workers, initializer=torch.set_num_threads, initargs=(1,))
+                    results = pool.imap(_decode_one, jobs, chunksize=8)
+                else:
+                    pool, results = None, map(_decode_one, jobs)
+                nslots = self.data_path.stat().st_size // (self.dtype.itemsize * int(np.prod(self.shape))) if self.data_path.is_file() else 0
+                bar = _progress(len(jobs), "decoding into cache", progress)
+                try:
+                    with open(self.data_path, "ab") as out:
+                        for (k, p), (arr, err) in zip(todo, results):
+                            if err:
+                                index["bad"][k] = err
+                            else:
+                                out.write(np.rint(arr * self.scale).astype(self.dtype).tobytes())
+                                index["slots"][k] = nslots
+                                nslots += 1
+                            bar.update(1)
+                finally:
+                    bar.close()
+                    if pool:
+                        pool.close()
+                    # written even after an interruption, so what was decoded is not lost
+                    _atomic_write_text(self.index_path, json.dumps(index))
+        slots, bad = [], {}
+        for k, p in zip(keys, paths):
+            if k is None:
+                slots.append(-1)
+                bad[p] = f"{p}: file not found"
+            elif k in index["bad"]:
+                slots.append(-1)
+                bad[p] = index["bad"][k]
+            else:
+                slots.append(index["slots"][k])
+        self._mm = None
+        return slots, bad
+
+    def read(self, slot):
+        if self._mm is None or self._mm.shape[0] <= slot:  # opened lazily: each DataLoader worker maps its own
+            n = self.data_path.stat().st_size // (self.dtype.itemsize * int(np.prod(self.shape)))
+            self._mm = np.memmap(self.data_path, dtype=self.dtype, mode="r", shape=(n,) + self.shape)
+        return torch.from_numpy(np.asarray(self._mm[slot], dtype=np.float32) / self.scale)
+
+    def __getstate__(self):  # a memmap is not sent to worker processes; each opens its own
+        d = dict(self.__dict__)
+        d["_mm"] = None
+        return d
+
+
+def _atomic_write_text(path, text):
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _progress(total, desc, enabled):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+    except ImportError:  # tqdm comes with transformers; this is only for a bare install
+        class _Null:
+            def update(self, n):
+                pass
+
+            def close(self):
+                pass
+
+        return _Null()
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images (+ targets) -> (transform(image), target_transform(target)).
+
+    The image is read as a float C x size x size tensor in [0, 1] (C = channels), from the
+    decode cache when `cache_dir` is given (built here, before any DataLoader worker
+    starts) or decoded on the fly. targets: labels, report texts, or None (-> the index).
+    skip_bad: False -> an unreadable file raises BadImageError naming it; True -> it is
+    skipped, counted, and listed by report_skipped() (the scripts call it each epoch).
+    """
+
+    def __init__(self, paths, targets=None, transform=None, target_transform=None, size=224, channels=1,
+                 cache_dir=None, cache_dtype="uint8", skip_bad=False, workers=0, progress=False):
+        if len(paths) == 0:
+            raise ValueError("the data set is empty: no images were found")
+        self.paths, self.size, self.channels = list(map(str, paths)), size, channels
+        self.targets = targets
+        self.transform, self.target_transform, self.skip_bad = transform, target_transform, skip_bad
+        self.cache, self.skipped = None, {}
+        self.index = np.arange(len(self.paths))
+        if cache_dir:
+            self.cache = DecodeCache(cache_dir, size, channels, cache_dtype)
+            self.slots, bad = self.cache.build(self.paths, workers=workers, progress=progress)
+            if bad and not skip_bad:
+                first = next(iter(bad.values()))
+                more = f" (and {len(bad) - 1} more unreadable files; --skip-bad skips them)" if len(bad) > 1 else ""
+                raise BadImageError(first + more)
+            self.skipped = bad
+            self.index = np.asarray([i for i, s in enumerate(self.slots) if s >= 0], np.int64)
+            if len(self.index) == 0:
+                raise ValueError(f"none of the {len(self.paths)} images could be read; first error: {next(iter(bad.values()))}")
+
+    def __len__(self):
+        return len(self.index)
+
+    def read(self, i):
+        """The i-th usable image as a float C x S x S tensor in [0, 1]."""
+        j = int(self.index[i])
+        if self.cache is not None:
+            return self.cache.read(self.slots[j])
+        return fit_square(load_image(self.paths[j], self.channels), self.size)
+
+    def __getitem__(self, i):
+        try:
+            img = self.read(i)
+        except BadImageError as e:
+            if not self.skip_bad:
+                raise
+            path = self.paths[int(self.index[i])]
+            if path not in self.skipped:
+                self.skipped[path] = str(e)
+                print(f"skipping unreadable file: {e}", file=sys.stderr)
+            return self[(i + 1) % len(self)]
+        j = int(self.index[i])
+        t = self.targets[j] if self.targets is not None else j
+        if self.target_transform is not None:
+            t = self.target_transform(t)
+        return (self.transform(img) if self.transform else img), t
+
+    def report_skipped(self):
+        """The skipped files, one line each (printed once per epoch by the scripts)."""
+        if not self.skipped:
+            return ""
+        return f"skipped {len(self.skipped)} unreadable file(s):\n" + "\n".join(f"  {v}" for v in self.skipped.values())
+
+
+# ----------------------------------------------------------------------------------
+# Augmentation presets
+# ----------------------------------------------------------------------------------
+
+class ChessboardMask(torch.nn.Module):
+    """Hide alternate cells of a random g x g grid (g in `grid`), with probability p.
+
+    From the X-ray augmentation study: forces the encoder to use context across the image.
+    """
+
+    def __init__(self, grid=(2, 8), p=0.5, value=0.0):
+        super().__init__()
+        self.grid, self.p, self.value = grid, p, value
+
+    def forward(self, x):
+        if torch.rand(()) >= self.p:
+            return x
+        g = int(torch.randint(self.grid[0], self.grid[1] + 1, ()))
+        h, w = x.shape[-2:]
+        rows = (torch.arange(h) * g // h)[:, None]
+        cols = (torch.arange(w) * g // w)[None, :]
+        phase = int(torch.randint(0, 2, ()))
+        mask = ((rows + cols + phase) % 2 == 0)
+        return torch.where(mask, torch.full_like(x, self.value), x)
+
+
+class SpeckleNoise(torch.nn.Module):
+    """Multiplicative Gaussian noise x * (1 + sigma * n), sigma drawn in `sigma`, clipped to [0, 1]."""
+
+    def __init__(self, sigma=(0.05, 0.2), p=0.5):
+        super().__init__()
+        self.sigma, self.p = sigma, p
+
+    def forward(self, x):
+        if torch.rand(()) >= self.p:
+            return x
+        s = float(torch.empty(()).uniform_(*self.sigma))
+        return (x * (1 + s * torch.randn_like(x))).clamp(0, 1)
+
+
+class CLAHE(torch.nn.Module):
+    """Contrast-limited adaptive histogram equalisation (scikit-image's equalize_adapthist)."""
+
+    def __init__(self, clip_limit=0.01):
+        super().__init__()
+        try:
+            from skimage.exposure import equalize_adapthist
+        except ImportError:
+            raise ImportError("CLAHE needs scikit-image: pip install scikit-image") from None
+        self.fn, self.clip_limit = equalize_adapthist, clip_limit
+
+    def forward(self, x):
+        a = x.permute(1, 2, 0).numpy().astype(np.float64)
+        a = self.fn(a[..., 0] if a.shape[2] == 1 else a, clip_limit=self.clip_limit)
+        t = torch.from_numpy(np.asarray(a, np.float32))
+        return t[None] if t.ndim == 2 else t.permute(2, 0, 1)
+
+
+class ToRGBNormalized(torch.nn.Module):
+    """Grayscale -> 3 channels (so ImageNet-shaped encoders take it), then ImageNet normalisation."""
+
+    def forward(self, x):
+        x = x.expand(3, -1, -1) if x.shape[0] == 1 else x
+        mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype)[:, None, None]
+        std = torch.tensor(IMAGENET_STD, dtype=x.dtype)[:, None, None]
+        return (x - mean) / std
+
+
+PRESETS = ["xray", "cytology-A", "cytology-B", "cytology-C", "cytology-D", "cytology-E", "simclr"]
+
+
+def ssl_transform(preset, size, channels=1, clahe=False):
+    """A torchvision.transforms.v2 pipeline for one augmented view.
+
+    Input: float C x H x W in [0, 1] (what ImageDataset reads); output: 3 x size x size,
+    ImageNet-normalised. Presets:
+      xray        resized crop, rotation +-10 deg, Gaussian blur, brightness/contrast, random
+                  erasing, chessboard mask (the X-ray augmentation study); clahe=True puts
+                  CLAHE first (needs scikit-image)
+      cytology-A  random crop + horizontal/vertical flip (the cytology study's baseline)
+      cytology-B  A + colour jitter + histogram equalisation
+      cytology-C  A + soft elastic deformation
+      cytology-D  A + Gaussian blur + speckle noise
+      cytology-E  A + resolution: blur or sharpen
+      simclr      the SimCLR recipe: crop 0.08-1, flip, colour jitter 0.8, grayscale 0.2, blur
+    """
+    crop_a = [T.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True),
+              T.RandomHorizontalFlip(), T.RandomVerticalFlip()]
+    blur = T.GaussianBlur(kernel_size=2 * (size // 20) + 1, sigma=(0.1, 2.0))
+    if preset == "xray":
+        ops = [T.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.85, 1.15), antialias=True),
+               T.RandomApply([T.RandomRotation(10)], p=0.5),
+               T.RandomApply([blur], p=0.3),
+               T.ColorJitter(brightness=0.3, contrast=0.3),
+               ChessboardMask(p=0.3),
+               T.RandomErasing(p=0.3, scale=(0.02, 0.1), value=0)]
+        if clahe:
+            ops.insert(0, CLAHE())
+    elif preset == "cytology-A":
+        ops = crop_a
+    elif preset == "cytology-B":
+        ops = crop_a + [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomEqualize(p=0.3)]
+    elif preset == "cytology-C":
+        ops = crop_a + [T.RandomApply([T.ElasticTransform(alpha=20.0, sigma=6.0)], p=0.7)]
+    elif preset == "cytology-D":
+        ops = crop_a + [T.RandomApply([blur], p=0.5), SpeckleNoise(p=0.5)]
+    elif preset == "cytology-E":
+        ops = crop_a + [T.RandomChoice([blur, T.RandomAdjustSharpness(3.0, p=1.0)])]
+    elif preset == "simclr":
+        ops = [T.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True), T.RandomHorizontalFlip(),
+               T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8 if channels == 3 else 0, 0.2 if channels == 3 else 0)], p=0.8),
+               T.RandomApply([blur], p=0.5)]
+        if channels == 3:
+            ops.insert(3, T.RandomGrayscale(p=0.2))
+    else:
+        raise ValueError(f"unknown augmentation preset {preset!r}; choose from {PRESETS}")
+    return T.Compose(ops + [ToRGBNormalized()])
+
+
+def eval_transform(size):
+    """Deterministic transform for evaluation: resize to size (already square) + normalise."""
+    return T.Compose([T.Resize(size, antialias=True), ToRGBNormalized()])
+
+
+class TwoViews:
+    """Two independent draws of the same transform (SimCLR, BYOL, Barlow Twins)."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, x):
+        return self.transform(x), self.transform(x)
+
+
+# ----------------------------------------------------------------------------------
+# The built-in demo data set
+# ----------------------------------------------------------------------------------
+
+DEMO_VERSION = 1
+LOBES = {  # (centre u, centre v) in the phantom's [-1, 1] frame; the patient's right is the image's left
+    "right upper lobe": (-0.38, -0.32), "right middle lobe": (-0.36, 0.08), "right lower lobe": (-0.40, 0.34),
+    "left upper lobe": (0.40, -0.30), "left lower lobe": (0.42, 0.32),
+}
+FINDINGS = ["consolidation", "effusion", "cardiomegaly", "pneumothorax"]
+
+
+def _smooth_noise(rng, size, scale):
+    """Band-limited noise in [-1, 1]: white noise blurred by a Gaussian of `scale` pixels."""
+    n = torch.from_numpy(rng.standard_normal((1, 1, size, size)).astype(np.float32))
+    k = max(3, int(scale * 3) | 1)
+    blur = T.GaussianBlur(k, sigma=scale)
+    n = blur(n)[0, 0].numpy()
+    return n / (np.abs(n).max() + 1e-8)
+
+
+def _soft(d, edge):
+    """Soft inside-mask from a signed distance (negative inside)."""
+    return 1.0 / (1.0 + np.exp(np.clip(d / edge, -50, 50)))
+
+
+def chest_phantom(rng, size, findings):
+    """A frontal chest radiograph phantom in display space [0, 1] (bone bright, air dark).
+
+    findings: dict with optional 'consolidation' (list of lobes), 'effusion' ('left'|'right'|
+    'bilateral'), 'cardiomegaly' (True), 'pneumothorax' ('left'|'right'). Position, size,
+    rotation, exposure and noise vary from image to image.
+    """
+    s = size
+    y, x = np.mgrid[0:s, 0:s].astype(np.float64) / (s - 1) * 2 - 1
+    ang = rng.uniform(-0.08, 0.08)
+    sc = rng.uniform(0.9, 1.08)
+    dx, dy = rng.uniform(-0.06, 0.06, 2)
+    u = (np.cos(ang) * (x - dx) + np.sin(ang) * (y - dy)) / sc
+    v = (-np.sin(ang) * (x - dx) + np.cos(ang) * (y - dy)) / sc
+    e = 2.0 / s  # edge softness of about one pixel
+    img = np.full((s, s), 0.04)
+    torso = _soft(np.sqrt((u / 0.92) ** 2 + ((v - 0.15) / 1.05) ** 2) - 1, e * 3)
+    img += 0.42 * torso
+    lung_r = _soft(np.sqrt(((u + 0.38) / 0.27) ** 2 + ((v + 0.02) / 0.56) ** 2) - 1, e * 2)
+    lung_l = _soft(np.sqrt(((u - 0.38) / 0.26) ** 2 + ((v + 0.04) / 0.54) ** 2) - 1, e * 2)
+    # lung markings: fine vessels fading to the periphery
+    markings = 0.06 * np.clip(_smooth_noise(rng, s, s / 60), 0, 1) * (1 - 0.6 * np.abs(u))
+    lung_r_val = lung_r * (0.26 - markings)
+    lung_l_val = lung_l * (0.26 - markings)
+    if findings.get("pneumothorax"):
+        side = findings["pneumothorax"]
+        cu = -0.38 if side == "right" else 0.38
+        # collapsed lung edge: lateral/apical rim with no markings, very dark, and a thin pleural line
+        r = np.sqrt(((u - cu) / 0.27) ** 2 + ((v + 0.02) / 0.56) ** 2)
+        rim = _soft(0.72 - r, e * 3) * (lung_r if side == "right" else lung_l)
+        line = np.exp(-((r - 0.72) / 0.025) ** 2) * (lung_r if side == "right" else lung_l)
+        val = lung_r_val if side == "right" else lung_l_val
+        val = val + rim * (0.12 + markings) - 0.03 * line
+        if side == "right":
+            lung_r_val = val
+        else:
+            lung_l_val = val
+    img -= lung_r_val + lung_l_val
+    # heart: mostly on the image's right (the patient's left); larger with cardiomegaly
+    cs = rng.uniform(1.32, 1.5) if findings.get("cardiomegaly") else rng.uniform(0.9, 1.08)
+    heart = _soft(np.sqrt(((u - 0.12) / (0.25 * cs)) ** 2 + ((v - 0.3) / (0.22 * cs ** 0.6)) ** 2) - 1, e * 2)
+    img = img * (1 - heart) + heart * 0.5
+    img += 0.2 * _soft(np.abs(u) - 0.07, e) * torso  # spine
+    for k in range(9):  # ribs: curved bands across each lung
+        rv = -0.72 + 0.16 * k + 0.22 * u ** 2
+        img += 0.08 * np.exp(-((v - rv) / 0.025) ** 2) * (lung_r + lung_l) * _soft(np.abs(u) - 0.7, e)
+    for side in (-1, 1):  # clavicles
+        cv = -0.72 + 0.12 * (side * u - 0.2) ** 2
+        img += 0.12 * np.exp(-((v - cv) / 0.03) ** 2) * _soft(np.abs(u - side * 0.35) - 0.3, e)
+    for lobe in findings.get("consolidation", []):
+        cu, cv = LOBES[lobe]
+        lung = lung_r if cu < 0 else lung_l
+        blob = _soft(np.sqrt(((u - cu) / 0.17) ** 2 + ((v - cv) / 0.15) ** 2) - 1, 0.08)
+        patch = 0.5 + 0.5 * _smooth_noise(rng, s, s / 25)
+        img += 0.22 * blob * np.clip(patch, 0.2, 1) * lung
+    eff = findings.get("effusion")
+    if eff:
+        for side in (("left", "right") if eff == "bilateral" else (eff,)):
+            cu = -0.38 if side == "right" else 0.38
+            lung = lung_r if side == "right" else lung_l
+            level = rng.uniform(0.18, 0.32)
+            # meniscus: fluid climbs laterally, blunting the costophrenic angle
+            meniscus = level - 0.35 * np.clip(np.abs(u - cu) * np.sign(cu) * np.sign(u) - 0.05, 0, 1) * (np.sign(u) == np.sign(cu))
+            img += 0.24 * _soft(meniscus - v, 0.03) * lung
+    gamma = rng.uniform(0.8, 1.25)  # exposure
+    img = np.clip(img, 0, 1) ** gamma * rng.uniform(0.9, 1.1)
+    img += rng.normal(0, 0.015, (s, s))
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
+_SENTENCES = {
+    "normal_lungs": ["The lungs are clear.", "No focal consolidation is seen.", "Lungs are well expanded and clear.",
+                     "There is no focal airspace opacity."],
+    "normal_pleura": ["No pleural effusion or pneumothorax.", "There is no pleural effusion or pneumothorax.",
+                      "No effusion. No pneumothorax is seen."],
+    "normal_heart": ["Heart size is normal.", "The cardiomediastinal silhouette is within normal limits.",
+                     "Cardiac and mediastinal contours are normal."],
+    "consolidation": ["There is consolidation in the {lobe}.", "Focal airspace opacity is present in the {lobe}.",
+                      "Patchy consolidation is seen within the {lobe}."],
+    "effusion": ["There is a {side} pleural effusion.", "A {side} pleural effusion blunts the costophrenic angle.",
+                 "Small {side} pleural effusion is present."],
+    "cardiomegaly": ["The heart is enlarged.", "Cardiomegaly is present.", "Moderate enlargement of the cardiac silhouette."],
+    "pneumothorax": ["There is a {side} pneumothorax.", "A {side} apical pneumothorax is seen.",
+                     "{Side} pneumothorax with visible pleural line."],
+    "imp_normal": ["No acute cardiopulmonary process.", "Normal chest radiograph.", "No acute intrathoracic abnormality."],
+    "imp_consolidation": ["{Lobe} consolidation, concerning for pneumonia.", "{Lobe} pneumonia.",
+                          "Opacity in the {lobe} may represent pneumonia."],
+    "imp_effusion": ["{Side} pleural effusion.", "{Side} effusion."],
+    "imp_cardiomegaly": ["Cardiomegaly.", "Enlarged heart."],
+    "imp_pneumothorax": ["{Side} pneumothorax.", "{Side} pneumothorax, findings discussed with Dr. Smith at 3.5 p.m."],
+}
+
+
+def _random_findings(rng):
+    f = {}
+    r = rng.random()
+    if r < 0.3:
+        return f  # normal
+    if rng.random() < 0.45:
+        f["consolidation"] = list(rng.choice(list(LOBES), size=1 if rng.random() < 0.8 else 2, replace=False))
+    if rng.random() < 0.3:
+        f["effusion"] = str(rng.choice(["left", "right", "bilateral"]))
+    if rng.random() < 0.3:
+        f["cardiomegaly"] = True
+    if rng.random() < 0.2:
+        f["pneumothorax"] = str(rng.choice(["left", "right"]))
+    if not f:
+        f["consolidation"] = [str(rng.choice(list(LOBES)))]
+    return f
+
+
+def demo_report(rng, findings):
+    """A MIMIC-CXR-style report (FINAL REPORT banner, FINDINGS, IMPRESSION) describing `findings`."""
+    pick = lambda k, **kw: str(rng.choice(_SENTENCES[k])).format(**kw)  # noqa: E731
+    fnd, imp = [], []
+    uncertain = False
+    for lobe in findings.get("consolidation", []):
+        fnd.append(pick("consolidation", lobe=lobe))
+        s = pick("imp_consolidation", lobe=lobe, Lobe=lobe.capitalize())
+        uncertain |= "may represent" in s
+        imp.append(s)
+    if not findings.get("consolidation"):
+        fnd.append(pick("normal_lungs"))
+    if findings.get("effusion"):
+        side = "bilateral" if findings["effusion"] == "bilateral" else findings["effusion"]
+        fnd.append(pick("effusion", side=side))
+        imp.append(pick("imp_effusion", Side=side.capitalize()))
+    if findings.get("pneumothorax"):
+        side = findings["pneumothorax"]
+        fnd.append(pick("pneumothorax", side=side, Side=side.capitalize()))
+        imp.append(pick("imp_pneumothorax", Side=side.capitalize()))
+    if not findings.get("effusion") and not findings.get("pneumothorax"):
+        fnd.append(pick("normal_pleura"))
+    fnd.append(pick("cardiomegaly") if findings.get("cardiomegaly") else pick("normal_heart"))
+    if findings.get("cardiomegaly"):
+        imp.append(pick("imp_cardiomegaly"))
+    if not imp:
+        imp.append(pick("imp_normal"))
+    order = rng.permutation(len(fnd))
+    fnd = [fnd[i] for i in order]
+    # wrap lines at ~70 characters as the archive's reports are
+    body = " ".join(fnd)
+    wrapped = re.sub(r"(.{1,68})(\s+|$)", r"\1\n ", body).rstrip()
+    imp_text = " ".join(f"{i + 1}. {s}" for i, s in enumerate(imp)) if len(imp) > 1 else imp[0]
+    text = ("                                 FINAL REPORT\n EXAMINATION:  CHEST (PA AND LAT)\n \n"
+            f" INDICATION:  ___ with {str(rng.choice(['cough', 'fever', 'dyspnea', 'chest pain']))}\n \n"
+            " COMPARISON:  None.\n \n FINDINGS: \n \n " + wrapped + "\n \n IMPRESSION: \n \n " + imp_text + "\n")
+    return text, uncertain
+
+
+def chexpert_row(findings, uncertain):
+    """CheXpert-style labels for a phantom: 1, 0 (explicitly negated), -1 (uncertain) or '' (not mentioned)."""
+    row = {o: "" for o in CHEXPERT_14}
+    cons = bool(findings.get("consolidation"))
+    row["Consolidation"] = "1.0" if cons else "0.0"
+    row["Lung Opacity"] = "1.0" if cons else ""
+    row["Pneumonia"] = ("-1.0" if uncertain else "1.0") if cons else ""
+    row["Pleural Effusion"] = "1.0" if findings.get("effusion") else "0.0"
+    row["Pneumothorax"] = "1.0" if findings.get("pneumothorax") else "0.0"
+    row["Cardiomegaly"] = "1.0" if findings.get("cardiomegaly") else ""
+    row["No Finding"] = "1.0" if not findings else ""
+    return row
+
+
+def write_dicom(path, display, rng, photometric="MONOCHROME2", bits=12, rle=False, patient_id="", study_uid=None):
+    """Write a display-space image [0, 1] as a real DICOM radiograph (CR/DX-like).
+
+    Stored values s, rescale to modality values m = slope * s + intercept, and a window
+    (center, width) chosen so that load_dicom returns `display` back to within a stored step.
+    MONOCHROME1 stores the inverted image, as many CR readers do.
+    """
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+
+    maxv = 2 ** bits - 1
+    # the window spans stored values [lo, hi] inside the full range, so windowing really matters
+    lo, hi = int(maxv * rng.uniform(0.05, 0.15)), int(maxv * rng.uniform(0.8, 0.95))
+    d = display if photometric == "MONOCHROME2" else 1.0 - display
+    stored = np.rint(lo + d * (hi - lo)).astype(np.uint16)
+    slope, intercept = float(rng.choice([1.0, 0.5, 2.0])), float(rng.choice([0.0, -1024.0, 100.0]))
+    # LINEAR window (PS3.3 C.11.2.1.2.1) mapping modality lo..hi onto 0..1: w - 1 = (hi - lo) * slope
+    width = (hi - lo) * slope + 1
+    center = lo * slope + intercept + 0.5 + (width - 1) / 2
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID, ds.Modality, ds.ViewPosition = patient_id, "DX", "PA"
+    ds.Rows, ds.Columns = display.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
+    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = f"{slope:g}", f"{intercept:g}", "US"
+    ds.WindowCenter, ds.WindowWidth = f"{center:.2f}", f"{width:.2f}"
+    ds.PixelData = stored.tobytes()
+    if rle:
+        ds.compress(RLELossless, stored)
+    ds.save_as(path, enforce_file_format=True)
+    return pydicom  # noqa (keeps the import used for linters)
+
+
+def cell_image(rng, size, cls):
+    """A colour Pap-smear cell image (Herlev-style class) in [0, 1], H x W x 3.
+
+    Normal cells: small nuclei, large cytoplasm (superficial: pink, pyknotic nucleus;
+    intermediate: blue-green; columnar: elongated with a basal nucleus). Dysplasia to
+    carcinoma in situ: the nucleus grows, loses its round outline and gets coarser chromatin,
+    while the cytoplasm shrinks.
+    """
+    s = size
+    y, x = np.mgrid[0:s, 0:s].astype(np.float64) / (s - 1) * 2 - 1
+    k = HERLEV_CLASSES.index(cls)
+    # (cytoplasm radius, elongation, nucleus radius, nucleus irregularity, chromatin coarseness)
+    params = [(0.62, 1.0, 0.06, 0.02, 0.0), (0.6, 1.0, 0.1, 0.03, 0.05), (0.3, 2.2, 0.11, 0.05, 0.05),
+              (0.55, 1.0, 0.17, 0.08, 0.15), (0.45, 1.0, 0.22, 0.12, 0.25), (0.36, 1.0, 0.26, 0.18, 0.35),
+              (0.32, 1.0, 0.29, 0.22, 0.45)][k]
+    rc, elong, rn, irr, coarse = params
+    rc *= rng.uniform(0.85, 1.15)
+    rn *= rng.uniform(0.85, 1.15)
+    ang = rng.uniform(0, np.pi)
+    cx, cy = rng.uniform(-0.1, 0.1, 2)
+    xr = np.cos(ang) * (x - cx) + np.sin(ang) * (y - cy)
+    yr = -np.sin(ang) * (x - cx) + np.cos(ang) * (y - cy)
+    theta = np.arctan2(yr, xr)
+    # polygonal-ish outline: a few low harmonics
+    wob = sum(rng.uniform(0, 0.06) * np.cos(h * theta + rng.uniform(0, 6.28)) for h in (3, 4, 5))
+    rad = np.sqrt((xr / elong) ** 2 + yr ** 2)
+    cyto = _soft(rad - rc * (1 + wob), 0.02)
+    # nucleus, basal in columnar cells
+    nx = xr - (rc * elong * 0.55 if cls == "normal_columnar" else rng.uniform(-0.05, 0.05))
+    ntheta = np.arctan2(yr, nx)
+    nwob = sum(rng.uniform(0, irr) * np.cos(h * ntheta + rng.uniform(0, 6.28)) for h in (2, 3, 5, 7))
+    nuc = _soft(np.sqrt(nx ** 2 + yr ** 2) - rn * (1 + nwob), 0.015)
+    stain = rng.uniform(0.9, 1.1, 3)
+    bg = np.array([0.92, 0.9, 0.93]) * stain
+    cyto_col = (np.array([0.93, 0.62, 0.72]) if cls == "normal_superficiel" else np.array([0.62, 0.8, 0.86])) * stain
+    if k >= 3:
+        cyto_col = np.array([0.7, 0.75, 0.88]) * stain
+    nuc_col = np.array([0.32, 0.2, 0.45]) * rng.uniform(0.85, 1.15) * (0.7 if cls == "normal_superficiel" else 1.0)
+    img = bg[None, None] * (1 - cyto[..., None]) + cyto_col[None, None] * cyto[..., None]
+    chrom = 1 + coarse * _smooth_noise(rng, s, max(s / 60, 0.8))[..., None]
+    img = img * (1 - nuc[..., None]) + (nuc_col[None, None] * chrom) * nuc[..., None]
+    for _ in range(int(rng.integers(0, 4))):  # debris and neighbouring fragments
+        dxy = rng.uniform(-1, 1, 2)
+        blob = _soft(np.sqrt((x - dxy[0]) ** 2 + (y - dxy[1]) ** 2) - rng.uniform(0.03, 0.12), 0.02)
+        img = img * (1 - 0.4 * blob[..., None]) + 0.4 * blob[..., None] * cyto_col[None, None] * 0.9
+    img += rng.normal(0, 0.02, img.shape)
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
+def make_demo(out_dir, size=128, n_xray=240, n_rsna=200, n_cells=40, seed=0, quiet=False):
+    """Write the demo data set into out_dir and return a summary dict.
+
+    out_dir/mimic/files/pXX/pSUBJECT/sSTUDY/<id>.dcm + sSTUDY.txt   image-report pairs (MIMIC-CXR layout)
+    out_dir/mimic/mimic-cxr-2.0.0-chexpert.csv, -metadata.csv          CheXpert labels, views
+    out_dir/rsna/stage_2_train_images/<patientId>.dcm                  pneumonia set
+    out_dir/rsna/stage_2_train_labels.csv                              one row per box
+    out_dir/cytology/<herlev class>/<n>.png                            colour cell images
+    """
+    from PIL import Image
+    from pydicom.uid import generate_uid
+
+    t0 = time.time()
+    out = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    mimic = out / "mimic"
+    chex_rows, meta_rows, n_rle, n_m1 = [], [], 0, 0
+    for i in range(n_xray):
+        subject, study = 10000000 + i // 2, 50000000 + i  # two studies per patient
+        f = _random_findings(rng)
+        sdir = mimic / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}"
+        sdir.mkdir(parents=True, exist_ok=True)
+        text, unc = demo_report(rng, f)
+        (sdir.parent / f"s{study}.txt").write_text(text)
+        dicom_id = hashlib.sha1(f"{seed}-{i}".encode()).hexdigest()[:16]
+        photometric = "MONOCHROME1" if rng.random() < 0.3 else "MONOCHROME2"
+        rle = bool(rng.random() < 0.3)
+        n_rle += rle
+        n_m1 += photometric == "MONOCHROME1"
+        write_dicom(sdir / f"{dicom_id}.dcm", chest_phantom(rng, size, f), rng, photometric,
+                    bits=int(rng.choice([12, 14, 16])), rle=rle, patient_id=f"p{subject}", study_uid=generate_uid())
+        chex_rows.append({"subject_id": subject, "study_id": study, **chexpert_row(f, unc)})
+        meta_rows.append({"dicom_id": dicom_id, "subject_id": subject, "study_id": study, "ViewPosition": "PA"})
+    _write_csv(mimic / "mimic-cxr-2.0.0-chexpert.csv", ["subject_id", "study_id"] + CHEXPERT_14, chex_rows)
+    _write_csv(mimic / "mimic-cxr-2.0.0-metadata.csv", ["dicom_id", "subject_id", "study_id", "ViewPosition"], meta_rows)
+
+    rsna = out / "rsna"
+    (rsna / "stage_2_train_images").mkdir(parents=True, exist_ok=True)
+    box_rows, n_pos = [], 0
+    for i in range(n_rsna):
+        pid = hashlib.sha1(f"rsna-{seed}-{i}".encode()).hexdigest()[:8] + f"-{i:04d}"
+        f = _random_findings(rng) if rng.random() < 0.6 else {}
+        f.pop("effusion", None) if rng.random() < 0.5 else None
+        write_dicom(rsna / "stage_2_train_images" / f"{pid}.dcm", chest_phantom(rng, size, f), rng,
+                    "MONOCHROME2" if rng.random() < 0.7 else "MONOCHROME1", bits=12, rle=bool(rng.random() < 0.2),
+                    patient_id=pid)
+        lobes = f.get("consolidation", [])
+        n_pos += bool(lobes)
+        for lobe in lobes:  # one row per box, in pixel coordinates of the image
+            cu, cv = LOBES[lobe]
+            w, h = 0.34 * size / 2, 0.3 * size / 2
+            x0, y0 = (cu + 1) / 2 * (size - 1) - w / 2, (cv + 1) / 2 * (size - 1) - h / 2
+            box_rows.append({"patientId": pid, "x": f"{x0:.1f}", "y": f"{y0:.1f}", "width": f"{w:.1f}",
+                             "height": f"{h:.1f}", "Target": 1})
+        if not lobes:
+            box_rows.append({"patientId": pid, "x": "", "y": "", "width": "", "height": "", "Target": 0})
+    _write_csv(rsna / "stage_2_train_labels.csv", ["patientId", "x", "y", "width", "height", "Target"], box_rows)
+
+    cyto = out / "cytology"
+    for cls in HERLEV_CLASSES:
+        (cyto / cls).mkdir(parents=True, exist_ok=True)
+        for j in range(n_cells):
+            a = cell_image(rng, size, cls)
+            Image.fromarray(np.rint(a * 255).astype(np.uint8)).save(cyto / cls / f"{cls}_{j:03d}.png")
+    summary = {"version": DEMO_VERSION, "size": size, "seed": seed, "seconds": round(time.time() - t0, 1),
+               "mimic": {"studies": n_xray, "patients": (n_xray + 1) // 2, "monochrome1": n_m1, "rle": n_rle,
+                         "path": str(mimic)},
+               "rsna": {"images": n_rsna, "positive": n_pos, "box_rows": len(box_rows), "path": str(rsna)},
+               "cytology": {"classes": len(HERLEV_CLASSES), "images": n_cells * len(HERLEV_CLASSES), "path": str(cyto)}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if not quiet:
+        print(f"demo data written to {out} in {summary['seconds']} s")
+        print(f"  mimic/    {n_xray} studies of {summary['mimic']['patients']} patients, DICOM {size}x{size} "
+              f"({n_m1} MONOCHROME1, {n_rle} RLE), MIMIC-style reports, CheXpert label CSV")
+        print(f"  rsna/     {n_rsna} DICOMs, {n_pos} with pneumonia, {len(box_rows)} label rows (one per box)")
+        print(f"  cytology/ {n_cells * len(HERLEV_CLASSES)} colour PNGs in {len(HERLEV_CLASSES)} Herlev class folders")
+    return summary
+
+
+def _write_csv(path, fields, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def demo_root(size=128):
+    """The demo data set's folder, written on first use: $MEDSSL_DEMO_DIR, else ~/.cache/medssl/demo-v{N}-{size}px."""
+    base = os.environ.get("MEDSSL_DEMO_DIR") or os.path.join(default_cache_dir(), f"demo-v{DEMO_VERSION}-{size}px")
+    root = Path(base)
+    if (root / "summary.json").is_file():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(root) + ".lock", "w") as lock:  # several processes (torchrun ranks) may ask at once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "summary.json").is_file():
+            print(f"building the demo data set in {root} (once) ...", file=sys.stderr)
+            tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=root.name + ".tmp"))
+            make_demo(tmp, size=size, quiet=True)
+            if root.exists():
+                import shutil
+
+                shutil.rmtree(root)
+            os.replace(tmp, root)
+    return root
+
+
+def demo_pairs(size=128):
+    """(paths, reports, patient ids) of the demo image-report set."""
+    return mimic_cxr_pairs(demo_root(size) / "mimic")
+
+
+def demo_images(kind="xray", size=128):
+    """Paths of the demo's unlabelled images: 'xray' (the MIMIC-style DICOMs) or 'cytology'."""
+    if kind == "xray":
+        return demo_pairs(size)[0]
+    if kind == "cytology":
+        return find_images(demo_root(size) / "cytology")
+    raise ValueError(f"unknown demo set {kind!r}: choose xray or cytology")
+
+
+def demo_labelled(task, size=128):
+    """(paths, labels, class names, patient ids) of a demo classification task:
+    'rsna' (pneumonia yes/no), 'cytology' (7 Herlev classes), 'cytology-2class'."""
+    root = demo_root(size)
+    if task == "rsna":
+        labels = read_rsna_labels(root / "rsna" / "stage_2_train_labels.csv")
+        ids = sorted(labels)
+        paths = [str(root / "rsna" / "stage_2_train_images" / f"{i}.dcm") for i in ids]
+        return paths, np.asarray([labels[i] for i in ids], np.int64), ["no pneumonia", "pneumonia"], ids
+    if task in ("cytology", "cytology-2class"):
+        paths, labels, names = read_class_folders(root / "cytology", "herlev-2class" if task.endswith("2class") else None)
+        return paths, labels, names, paths
+    raise ValueError(f"unknown demo task {task!r}: choose rsna, cytology or cytology-2class")
+
+
+# ----------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------
+
+def bench_cache(n=40, size=224, source_size=2048, workers=0):
+    """Images/s: decoding full-size DICOMs (half RLE-compressed, as archives mix them) and
+    resizing them, against reading the same images back from the decode cache."""
+    tmp = Path(tempfile.mkdtemp(prefix="medssl-cache-bench-"))
+    rng = np.random.default_rng(0)
+    base = chest_phantom(rng, source_size, {"effusion": "left"})
+    paths = []
+    for i in range(n):
+        p = tmp / f"{i}.dcm"
+        write_dicom(p, base, rng, "MONOCHROME1" if i % 3 == 0 else "MONOCHROME2", bits=12, rle=i % 2 == 1)
+        paths.append(str(p))
+    t = time.perf_counter()
+    for p in paths:
+        fit_square(load_image(p, 1), size)
+    direct = len(paths) / (time.perf_counter() - t)
+    t = time.perf_counter()
+    ds = ImageDataset(paths, size=size, channels=1, cache_dir=tmp / "cache", workers=workers)
+    build = len(paths) / (time.perf_counter() - t)
+    reps = max(1, 2000 // n)
+    t = time.perf_counter()
+    for _ in range(reps):
+        for i in range(len(ds)):
+            ds.read(i)
+    cached = reps * len(ds) / (time.perf_counter() - t)
+    import shutil
+
+    shutil.rmtree(tmp)
+    return {"images": n, "source_size": source_size, "size": size, "workers": workers,
+            "direct_decode_per_s": round(direct, 1), "cache_build_per_s": round(build, 1),
+            "cached_read_per_s": round(cached, 1)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="medssl data tools")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="write the built-in demo data set")
+    d.add_argument("out", help="output folder")
+    d.add_argument("--size", type=int, default=128, help="image side in pixels")
+    d.add_argument("--seed", type=int, default=0, help="random seed (the data set is deterministic given it)")
+    b = sub.add_parser("bench-cache", help="images/s: decoding DICOM directly vs from the decode cache")
+    b.add_argument("--n", type=int, default=40, help="number of DICOMs written for the benchmark")
+    b.add_argument("--size", type=int, default=224, help="target size")
+    b.add_argument("--source-size", type=int, default=2048, help="side of the DICOMs (MIMIC-CXR's are ~2500-3000)")
+    b.add_argument("--workers", type=int, default=0, help="processes that build the cache")
+    a = p.parse_args(argv)
+    if a.cmd == "demo":
+        make_demo(a.out, size=a.size, seed=a.seed)
+    else:
+        print(json.dumps(bench_cache(a.n, a.size, a.source_size, a.workers)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Shared fixtures: one demo data set and one decode cache per test session, in a temp folder.
+
+The environment variables are set before any test runs, so scripts started as
+subprocesses by the smoke tests find the same demo data and never touch ~/.cache.
+"""
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+_TMP = tempfile.mkdtemp(prefix="medssl-tests-")
+os.environ["MEDSSL_DEMO_DIR"] = os.path.join(_TMP, "demo")
+os.environ["MEDSSL_CACHE"] = os.path.join(_TMP, "cache")
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test may download
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def demo():
+    import data
+
+    return data.demo_root()
+
+
+def run_script(*args, timeout=600, cwd=None, check=True):
+    """Run a project script as a user would, in a subprocess; return the CompletedProcess."""
+    cmd = [sys.executable, *map(str, args)]
+    p = subprocess.run(cmd, cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p

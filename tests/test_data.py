@@ -1,0 +1,539 @@
+"""data.py: DICOM and image reading, reports, label files, splits, the cache, augmentation, demo."""
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+import data
+from conftest import ROOT, run_script
+
+
+def tf(name):
+    return get_testdata_file(name)  # bundled with pydicom: no download
+
+
+# ------------------------------------------------------------------------- DICOM reading
+
+def test_window_matches_the_standard_formula():
+    # MR_small: no rescale, WindowCenter 600, WindowWidth 1600, LINEAR (PS3.3 C.11.2.1.2.1):
+    # y = clip((x - (c - 0.5)) / (w - 1) + 0.5, 0, 1) = clip((x - 599.5) / 1599 + 0.5, 0, 1)
+    raw = pydicom.dcmread(tf("MR_small.dcm")).pixel_array.astype(np.float64)
+    expected = np.clip((raw - 599.5) / 1599 + 0.5, 0, 1)
+    got = data.load_dicom(tf("MR_small.dcm"))
+    assert got.dtype == np.float32 and got.shape == (64, 64)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert 0 < got.mean() < 1 and got.min() >= 0 and got.max() <= 1
+
+
+def test_rescale_without_window_uses_full_stored_range():
+    # CT_small: signed 16-bit stored, RescaleSlope 1, RescaleIntercept -1024, no window tags.
+    # The full stored range [-32768, 32767] maps through the rescale to [-33792, 31743].
+    raw = pydicom.dcmread(tf("CT_small.dcm")).pixel_array.astype(np.float64)
+    hu = raw * 1 - 1024
+    expected = (hu - (-33792)) / (31743 - (-33792))
+    np.testing.assert_allclose(data.load_dicom(tf("CT_small.dcm")), expected, atol=1e-6)
+
+
+def test_rescale_slope_and_intercept_are_applied_before_the_window(tmp_path):
+    ds = pydicom.dcmread(tf("MR_small.dcm"))
+    ds.RescaleSlope, ds.RescaleIntercept = "2", "-100"
+    ds.WindowCenter, ds.WindowWidth = "1000", "2001"
+    ds.save_as(tmp_path / "r.dcm")
+    raw = ds.pixel_array.astype(np.float64)
+    expected = np.clip((raw * 2 - 100 - 999.5) / 2000 + 0.5, 0, 1)  # window on modality values
+    np.testing.assert_allclose(data.load_dicom(tmp_path / "r.dcm"), expected, atol=1e-6)
+
+
+def test_monochrome1_is_inverted(tmp_path):
+    ds = pydicom.dcmread(tf("MR_small.dcm"))
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.save_as(tmp_path / "m1.dcm")
+    np.testing.assert_allclose(data.load_dicom(tmp_path / "m1.dcm"), 1 - data.load_dicom(tf("MR_small.dcm")), atol=1e-6)
+
+
+def test_voi_lut_sequence_takes_precedence_over_window(tmp_path):
+    ds = pydicom.dcmread(tf("MR_small.dcm"))
+    raw = ds.pixel_array.astype(np.int64)
+    n = int(raw.max()) + 1
+    lut = (np.sqrt(np.arange(n) / (n - 1)) * 4095).astype(np.uint16)  # a non-linear LUT, 12-bit output
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [n, 0, 12]
+    item.add_new(0x00283006, "US", lut.tolist())  # LUT Data, US when 16-bit entries
+    ds.VOILUTSequence = pydicom.Sequence([item])
+    ds.save_as(tmp_path / "lut.dcm")
+    expected = lut[np.clip(raw, 0, n - 1)] / 4095.0
+    np.testing.assert_allclose(data.load_dicom(tmp_path / "lut.dcm"), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("twin", ["MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm",
+                                  "MR_small_bigendian.dcm", "MR_small_implicit.dcm", "MR_small_expb.dcm"])
+def test_lossless_twins_decode_to_the_same_pixels(twin):
+    np.testing.assert_array_equal(data.load_dicom(tf(twin)), data.load_dicom(tf("MR_small.dcm")))
+
+
+def test_jpeg_lossless_and_rle_colour_twins_agree():
+    a = data.load_image(tf("SC_rgb_jpeg_gdcm.dcm"), 3)  # JPEG lossless, process 14
+    b = data.load_image(tf("SC_rgb_rle.dcm"), 3)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (100, 100, 3)
+    # colour -> luminance 0.299 R + 0.587 G + 0.114 B; the top-left pixel is pure red (255, 0, 0)
+    assert data.load_dicom(tf("SC_rgb_rle.dcm"))[0, 0] == pytest.approx(0.299, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["JPGExtended.dcm", "JPEG2000.dcm", "693_J2KI.dcm", "JPEGLSNearLossless_16.dcm",
+                                  "SC_rgb_jpeg_dcmtk.dcm", "SC_ybr_full_422_uncompressed.dcm", "image_dfl.dcm"])
+def test_every_supported_syntax_loads(name):
+    a = data.load_dicom(tf(name))
+    assert a.dtype == np.float32 and a.ndim == 2 and 0 <= a.min() <= a.max() <= 1 and a.std() > 0
+
+
+def test_ybr_lossy_jpeg_close_to_rgb_original():
+    a = data.load_image(tf("SC_rgb_jpeg_dcmtk.dcm"), 3)  # YBR_FULL baseline JPEG
+    b = data.load_image(tf("SC_rgb_rle.dcm"), 3)
+    assert np.abs(a - b).mean() < 0.02
+
+
+def test_multiframe_reads_the_first_frame():
+    a = data.load_image(tf("SC_rgb_rle_2frame.dcm"), 3)
+    first = pydicom.dcmread(tf("SC_rgb_rle_2frame.dcm")).pixel_array[0] / 255.0
+    np.testing.assert_allclose(a, first, atol=1e-6)
+
+
+def test_demo_dicom_round_trip_through_window_and_monochrome1(tmp_path):
+    rng = np.random.default_rng(0)
+    img = rng.uniform(0, 1, (32, 32)).astype(np.float32)
+    for pi in ("MONOCHROME1", "MONOCHROME2"):
+        for rle in (False, True):
+            p = tmp_path / f"{pi}{rle}.dcm"
+            data.write_dicom(p, img, np.random.default_rng(1), pi, bits=12, rle=rle)
+            ds = pydicom.dcmread(p)
+            assert ds.PhotometricInterpretation == pi
+            assert ds.file_meta.TransferSyntaxUID == (pydicom.uid.RLELossless if rle else pydicom.uid.ExplicitVRLittleEndian)
+            # stored values span at least 0.65 * 4095 levels, so the error is under one level
+            np.testing.assert_allclose(data.load_dicom(p), img, atol=1 / (0.6 * 4095))
+
+
+# ------------------------------------------------------------------------- bad input
+
+def test_missing_file():
+    with pytest.raises(data.BadImageError, match="nope.dcm: file not found"):
+        data.load_image("/tmp/definitely/nope.dcm")
+
+
+def test_not_a_dicom(tmp_path):
+    p = tmp_path / "fake.dcm"
+    p.write_text("hello, I am not a DICOM file " * 20)
+    with pytest.raises(data.BadImageError, match="fake.dcm: not a DICOM file"):
+        data.load_dicom(p)
+    with pytest.raises(data.BadImageError, match="fake.dcm"):
+        data.load_image(p)
+
+
+@pytest.mark.parametrize("name", ["rtplan.dcm", "test-SR.dcm"])
+def test_dicom_without_pixels(name):
+    with pytest.raises(data.BadImageError, match=f"{name}: DICOM has no pixel data"):
+        data.load_dicom(tf(name))
+
+
+def test_truncated_pixel_data():
+    with pytest.raises(data.BadImageError, match="MR_truncated.dcm: pixel data is truncated"):
+        data.load_dicom(tf("MR_truncated.dcm"))
+
+
+def test_truncated_png(tmp_path):
+    p = tmp_path / "cut.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(p)
+    p.write_bytes(p.read_bytes()[:300])
+    with pytest.raises(data.BadImageError, match="cut.png: image data is truncated"):
+        data.load_image(p)
+
+
+def test_undecodable_transfer_syntax_names_the_package():
+    # Run with pylibjpeg hidden, as on a machine where it was never installed.
+    code = ("import sys; sys.modules['pylibjpeg'] = sys.modules['libjpeg'] = None\n"
+            "import data\nfrom pydicom.data import get_testdata_file as g\n"
+            "try:\n    data.load_dicom(g('MR_small_jpeg_ls_lossless.dcm'))\nexcept data.BadImageError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "MR_small_jpeg_ls_lossless.dcm" in out and "JPEG-LS" in out and "pip install pylibjpeg" in out
+
+
+def test_unsupported_syntax(tmp_path):
+    from pydicom.encaps import encapsulate
+
+    ds = pydicom.dcmread(tf("MR_small.dcm"))
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2 video: nothing decodes it
+    ds.PixelData = encapsulate([b"\0" * 64])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(tmp_path / "mpeg.dcm")
+    with pytest.raises(data.BadImageError, match="mpeg.dcm: no installed decoder handles transfer syntax 'MPEG2"):
+        data.load_dicom(tmp_path / "mpeg.dcm")
+
+
+# ------------------------------------------------------------------------- other images
+
+def test_load_image_formats(tmp_path):
+    rng = np.random.default_rng(0)
+    g8 = rng.integers(0, 256, (20, 30), dtype=np.uint8)
+    g16 = rng.integers(0, 65536, (20, 30), dtype=np.uint16)
+    rgb = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(g8).save(tmp_path / "a.png")
+    Image.fromarray(g16).save(tmp_path / "b.png")
+    Image.fromarray(rgb).save(tmp_path / "c.bmp")
+    Image.fromarray(rgb).save(tmp_path / "d.tif")
+    smooth = np.stack(list(np.meshgrid(np.linspace(0, 255, 30), np.linspace(0, 255, 20))) + [np.full((20, 30), 128.0)], -1)
+    Image.fromarray(smooth.astype(np.uint8)).save(tmp_path / "e.jpg", quality=95)
+    np.testing.assert_allclose(data.load_image(tmp_path / "a.png"), g8 / 255, atol=1e-6)
+    np.testing.assert_allclose(data.load_image(tmp_path / "b.png"), g16 / 65535, atol=1e-6)
+    np.testing.assert_allclose(data.load_image(tmp_path / "c.bmp", 3), rgb / 255, atol=1e-6)
+    np.testing.assert_allclose(data.load_image(tmp_path / "d.tif", 3), rgb / 255, atol=1e-6)
+    assert np.abs(data.load_image(tmp_path / "e.jpg", 3) - smooth.astype(np.uint8) / 255).mean() < 0.02
+    lum = (rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114) / 255
+    np.testing.assert_allclose(data.load_image(tmp_path / "c.bmp", 1), lum, atol=1e-5)
+    three = data.load_image(tmp_path / "a.png", 3)  # grayscale replicated
+    assert three.shape == (20, 30, 3) and np.array_equal(three[..., 0], three[..., 2])
+
+
+def test_dicom_found_by_preamble_not_extension(tmp_path):
+    p = tmp_path / "image_without_extension"
+    shutil.copy(tf("MR_small.dcm"), p)
+    np.testing.assert_array_equal(data.load_image(p), data.load_dicom(tf("MR_small.dcm")))
+    assert data.find_images(tmp_path) == [str(p)]
+
+
+def test_fit_square():
+    t = data.fit_square(np.ones((40, 80), np.float32) * 0.5, 16)
+    assert t.shape == (1, 16, 16) and torch.allclose(t, torch.full_like(t, 0.5))
+    assert data.fit_square(np.zeros((10, 10, 3), np.float32), 8).shape == (3, 8, 8)
+
+
+# ------------------------------------------------------------------------- reports
+
+MIMIC_REPORT = """                                 FINAL REPORT
+ EXAMINATION:  CHEST (PA AND LAT)
+
+ INDICATION:  ___F with new onset ascites  // eval for infection
+
+ COMPARISON:  None.
+
+ FINDINGS:
+
+ There is no focal consolidation, pleural effusion or pneumothorax.  Bilateral
+ nodular opacities that most likely represent nipple shadows. The
+ cardiomediastinal silhouette is normal.  A 3.5 cm nodule projects over the
+ left lung, e.g. within the breast.
+
+ IMPRESSION:
+
+ No acute cardiopulmonary process.
+"""
+
+
+def test_parse_mimic_report():
+    r = data.parse_report(MIMIC_REPORT)
+    assert r["findings"].startswith("There is no focal consolidation") and r["findings"].endswith("within the breast.")
+    assert "\n" not in r["findings"] and "  " not in r["findings"]
+    assert r["impression"] == "No acute cardiopulmonary process."
+    assert r["comparison"] == "None."
+    assert "FINAL REPORT" not in " ".join(r.values())
+
+
+def test_report_sentences_keep_decimals_and_abbreviations():
+    s = data.report_sentences(MIMIC_REPORT)
+    assert s == ["There is no focal consolidation, pleural effusion or pneumothorax.",
+                 "Bilateral nodular opacities that most likely represent nipple shadows.",
+                 "The cardiomediastinal silhouette is normal.",
+                 "A 3.5 cm nodule projects over the left lung, e.g. within the breast.",
+                 "No acute cardiopulmonary process."]
+
+
+def test_inline_headings_and_numbered_impression():
+    r = data.parse_report("WET READ: JXR 3:45 PM  no ptx. FINDINGS: Lungs clear. Heart size normal. "
+                          "IMPRESSION: 1. No pneumonia. 2. Dr. Lee notified at 3 p.m. No change.")
+    assert r["findings"] == "Lungs clear. Heart size normal."
+    assert r["wet read"].startswith("JXR")
+    assert data.report_sentences("FINDINGS: Lungs clear. IMPRESSION: 1. No pneumonia. 2. Dr. Lee was told.") == [
+        "Lungs clear.", "No pneumonia.", "Dr. Lee was told."]
+
+
+def test_missing_sections_fall_back_to_the_whole_text():
+    r = data.parse_report("Portable chest. Lungs are clear.")
+    assert r["findings"] == "" and r["impression"] == ""
+    assert data.report_sentences("Portable chest. Lungs are clear.") == ["Portable chest.", "Lungs are clear."]
+    only = data.parse_report("IMPRESSION:\n   Small left effusion.\n")
+    assert only["impression"] == "Small left effusion." and only["findings"] == ""
+    assert data.report_sentences("") == []
+
+
+def test_conclusion_is_an_impression_alias():
+    assert data.parse_report("FINDINGS: x. CONCLUSION: Normal study.")["impression"] == "Normal study."
+
+
+# ------------------------------------------------------------------------- label files
+
+def test_rsna_labels_multi_box(tmp_path):
+    p = tmp_path / "labels.csv"
+    p.write_text("patientId,x,y,width,height,Target\n"
+                 "a,,,,,0\n"
+                 "b,10,20,30,40,1\n"
+                 "b,50,60,30,40,1\n"
+                 "c,1,2,3,4,1\n")
+    assert data.read_rsna_labels(p) == {"a": 0, "b": 1, "c": 1}
+
+
+def test_rsna_wrong_column(tmp_path):
+    p = tmp_path / "labels.csv"
+    p.write_text("patient,Target\na,0\n")
+    with pytest.raises(ValueError, match=r"labels.csv: missing column\(s\) \['patientId'\]"):
+        data.read_rsna_labels(p)
+
+
+def test_missing_csv():
+    with pytest.raises(FileNotFoundError, match="nope.csv: CSV file not found"):
+        data.read_rsna_labels("/tmp/nope.csv")
+
+
+@pytest.mark.parametrize("policy,labels,mask", [
+    ("ones", [1, 0, 1, 0], [1, 1, 1, 1]),
+    ("zeros", [1, 0, 0, 0], [1, 1, 1, 1]),
+    ("ignore", [1, 0, 0, 0], [1, 1, 0, 1]),
+])
+def test_chexpert_policies(tmp_path, policy, labels, mask):
+    obs = ["Atelectasis", "Cardiomegaly", "Edema", "Pleural Effusion"]
+    p = tmp_path / "CheXpert-v1.0" / "train.csv"
+    p.parent.mkdir()
+    p.write_text("Path,Sex," + ",".join(obs) + "\nCheXpert-v1.0/train/patient1/study1/view1_frontal.jpg,F,1.0,0.0,-1.0,\n")
+    paths, y, m = data.read_chexpert_labels(p, policy, observations=obs)
+    assert paths == [str(tmp_path / "CheXpert-v1.0/train/patient1/study1/view1_frontal.jpg")]
+    assert y.tolist() == [labels] and m.tolist() == [mask]
+
+
+def test_chexpert_bad_value_and_policy(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text("Path,Edema\nx.jpg,2\n")
+    with pytest.raises(ValueError, match="Edema must be 1, 0, -1 or blank"):
+        data.read_chexpert_labels(p, observations=["Edema"])
+    with pytest.raises(ValueError, match="uncertainty policy"):
+        data.read_chexpert_labels(p, "maybe", observations=["Edema"])
+
+
+def test_mimic_chexpert_join_on_demo(demo):
+    paths, y, m = data.read_chexpert_labels(demo / "mimic" / "mimic-cxr-2.0.0-chexpert.csv", "ignore",
+                                            image_root=demo / "mimic")
+    pairs = data.demo_pairs()[0]
+    assert sorted(paths) == sorted(pairs) and y.shape == (len(paths), 14)
+    # a study whose report says consolidation has Consolidation = 1
+    cons = data.CHEXPERT_14.index("Consolidation")
+    reports = dict(zip(data.demo_pairs()[0], data.demo_pairs()[1]))
+    for p, row in zip(paths[:40], y[:40]):
+        findings = data.parse_report(reports[p])["findings"]
+        says = any(w in findings for w in ("consolidation in the", "opacity is present", "Patchy consolidation"))
+        assert bool(row[cons]) == says
+
+
+def test_class_folders_and_grouping(demo):
+    paths, y, names = data.read_class_folders(demo / "cytology")
+    assert names == sorted(data.HERLEV_CLASSES) and len(paths) == len(y) and set(y) == set(range(7))
+    paths2, y2, names2 = data.read_class_folders(demo / "cytology", "herlev-2class")
+    assert names2 == ["abnormal", "normal"]
+    normal = [p for p, c in zip(paths2, y2) if c == 1]
+    assert all("/normal_" in p for p in normal) and len(normal) == 3 * len(paths) // 7
+
+
+def test_mura_and_hicervix_and_generic(tmp_path):
+    for s in ("study1_positive", "study2_negative"):
+        d = tmp_path / "XR_ELBOW" / "patient00011" / s
+        d.mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(d / "image1.png")
+    paths, y, pats = data.read_mura(tmp_path)
+    assert sorted(zip([os.path.basename(os.path.dirname(p)) for p in paths], y.tolist())) == [
+        ("study1_positive", 1), ("study2_negative", 0)] and pats == ["patient00011"] * 2
+    h = tmp_path / "hicervix.csv"
+    h.write_text("image_name,level_1,level_2,level_3\na.jpg,ASC,ASC-US,\nb.jpg,NILM,NILM,Normal\nc.jpg,ASC,ASC-H,\n")
+    paths, y, names = data.read_hicervix(h, tmp_path, level=2)
+    assert names == ["ASC-H", "ASC-US", "NILM"] and y.tolist() == [1, 2, 0]
+    assert data.read_hicervix(h, tmp_path, level=3)[2] == ["Normal"]
+    g = tmp_path / "g.csv"
+    g.write_text("path,label\nx.png,cat\ny.png,dog\nz.png,cat\n")
+    assert data.read_label_csv(g)[1].tolist() == [0, 1, 0]
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['diagnosis'\]"):
+        data.read_label_csv(g, label_col="diagnosis")
+
+
+# ------------------------------------------------------------------------- splits and fractions
+
+def test_patient_split_disjoint_deterministic():
+    ids = [f"p{i // 3}" for i in range(300)]  # 100 patients, 3 images each
+    a = data.patient_split(ids, (0.7, 0.15, 0.15), seed=1)
+    b = data.patient_split(ids, (0.7, 0.15, 0.15), seed=1)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert sorted(np.concatenate(a).tolist()) == list(range(300))
+    pats = [{ids[i] for i in part} for part in a]
+    assert not (pats[0] & pats[1] or pats[0] & pats[2] or pats[1] & pats[2])
+    assert [len(p) for p in a] == [210, 45, 45]
+    assert not np.array_equal(a[0], data.patient_split(ids, (0.7, 0.15, 0.15), seed=2)[0])
+    with pytest.raises(ValueError, match="sum to 1"):
+        data.patient_split(ids, (0.5, 0.2))
+
+
+def test_label_fraction_stratified_nested_deterministic():
+    labels = np.array([0] * 900 + [1] * 90 + [2] * 10)
+    f1, f10, f100 = (data.label_fraction(labels, f, seed=3) for f in (0.01, 0.1, 1.0))
+    assert set(f1) <= set(f10) <= set(f100) and len(f100) == 1000
+    assert np.bincount(labels[f1]).tolist() == [9, 1, 1]  # at least one per class
+    assert np.bincount(labels[f10]).tolist() == [90, 9, 1]
+    assert np.array_equal(f10, data.label_fraction(labels, 0.1, seed=3))
+    assert not np.array_equal(f10, data.label_fraction(labels, 0.1, seed=4))
+
+
+def test_label_fraction_multilabel():
+    rng = np.random.default_rng(0)
+    y = (rng.random((500, 4)) < [0.5, 0.2, 0.05, 0.01]).astype(np.float32)
+    y[0, 3] = 1
+    small, big = data.label_fraction(y, 0.01, 0), data.label_fraction(y, 0.1, 0)
+    assert set(small) <= set(big)
+    assert (y[small].sum(0) > 0).all()
+
+
+# ------------------------------------------------------------------------- decode cache and dataset
+
+def test_cache_hit_miss_invalidation(tmp_path, demo):
+    src = data.demo_images("xray")[:4]
+    files = []
+    for i, p in enumerate(src):
+        shutil.copy(p, tmp_path / f"{i}.dcm")
+        files.append(str(tmp_path / f"{i}.dcm"))
+    c = data.DecodeCache(tmp_path / "cache", 32, 1)
+    slots, bad = c.build(files)
+    assert (c.misses, c.hits, bad) == (4, 0, {})
+    direct = data.fit_square(data.load_image(files[2]), 32)
+    assert torch.allclose(c.read(slots[2]), direct, atol=0.5 / 255 + 1e-6)  # uint8 store: half a level
+    c2 = data.DecodeCache(tmp_path / "cache", 32, 1)
+    assert c2.build(files)[0] == slots and (c2.misses, c2.hits) == (0, 4)
+    time.sleep(0.01)
+    shutil.copy(src[0], files[2])  # file 2 now holds another image: its key changes
+    slots3, _ = c2.build(files)
+    assert (c2.misses, c2.hits) == (1, 3) and slots3[2] != slots[2]
+    assert torch.allclose(c2.read(slots3[2]), c2.read(slots3[0]))
+    # a different target size is a different store
+    c4 = data.DecodeCache(tmp_path / "cache", 16, 1)
+    c4.build(files)
+    assert c4.misses == 4 and c4.read(0).shape == (1, 16, 16)
+
+
+def test_cache_uint16_and_workers(tmp_path, demo):
+    files = data.demo_images("xray")[:6]
+    c = data.DecodeCache(tmp_path, 24, 1, "uint16")
+    slots, _ = c.build(files, workers=2)
+    direct = data.fit_square(data.load_image(files[5]), 24)
+    assert torch.allclose(c.read(slots[5]), direct, atol=1e-4)
+
+
+def test_dataset_skip_bad(tmp_path, demo):
+    files = data.demo_images("xray")[:3]
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"garbage")
+    paths = files + [str(bad)]
+    with pytest.raises(data.BadImageError, match="bad.dcm: not a DICOM file"):
+        data.ImageDataset(paths, size=16, cache_dir=tmp_path / "c")
+    ds = data.ImageDataset(paths, size=16, cache_dir=tmp_path / "c", skip_bad=True)
+    assert len(ds) == 3 and "bad.dcm" in ds.report_skipped()
+    assert ds[0][0].shape == (1, 16, 16)
+    # without the cache, the bad file is found lazily and replaced by the next one
+    lazy = data.ImageDataset(paths, size=16, skip_bad=True)
+    x, t = lazy[3]
+    assert t == 0 and "bad.dcm" in lazy.report_skipped()
+    with pytest.raises(data.BadImageError):
+        data.ImageDataset(paths, size=16)[3]
+
+
+def test_empty_dataset_and_folder(tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        data.ImageDataset([], size=8)
+    with pytest.raises(ValueError, match="no images found"):
+        data.find_images(tmp_path)
+
+
+# ------------------------------------------------------------------------- augmentation
+
+@pytest.mark.parametrize("preset", data.PRESETS)
+def test_presets(preset):
+    channels = 1 if preset in ("xray", "simclr") else 3
+    x = torch.rand(channels, 48, 48)
+    t = data.ssl_transform(preset, 32, channels)
+    torch.manual_seed(0)
+    a = t(x)
+    torch.manual_seed(0)
+    b = t(x)
+    assert a.shape == (3, 32, 32) and a.dtype == torch.float32 and torch.isfinite(a).all()
+    assert torch.equal(a, b)  # deterministic under a seed
+    mean = torch.tensor(data.IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(data.IMAGENET_STD)[:, None, None]
+    raw = a * std + mean
+    assert raw.min() >= -1e-4 and raw.max() <= 1 + 1e-4
+    torch.manual_seed(1)
+    assert not torch.equal(t(x), a)  # and random across seeds
+
+
+def test_simclr_preset_on_colour_and_unknown_preset():
+    assert data.ssl_transform("simclr", 16, 3)(torch.rand(3, 20, 20)).shape == (3, 16, 16)
+    with pytest.raises(ValueError, match="unknown augmentation preset"):
+        data.ssl_transform("cutmix", 16)
+
+
+def test_chessboard_mask():
+    m = data.ChessboardMask(grid=(2, 2), p=1.0)
+    y = m(torch.ones(1, 4, 4))
+    assert y.sum() == 8 and (y[0, :2, :2].sum() in (0, 4))
+
+
+def test_clahe_flag_needs_scikit_image_or_works():
+    try:
+        import skimage  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="scikit-image"):
+            data.ssl_transform("xray", 16, 1, clahe=True)
+    else:
+        assert data.ssl_transform("xray", 16, 1, clahe=True)(torch.rand(1, 20, 20)).shape == (3, 16, 16)
+
+
+# ------------------------------------------------------------------------- demo data
+
+def test_demo_layout_and_determinism(demo, tmp_path):
+    paths, reports, patients = data.demo_pairs()
+    assert len(paths) == 240 and len(set(patients)) == 120
+    assert all(p.endswith(".dcm") for p in paths)
+    kinds = {pydicom.dcmread(p, stop_before_pixels=True).PhotometricInterpretation for p in paths[:40]}
+    assert kinds == {"MONOCHROME1", "MONOCHROME2"}
+    assert all(data.report_sentences(r) for r in reports)
+    rsna = data.read_rsna_labels(demo / "rsna" / "stage_2_train_labels.csv")
+    rows = (demo / "rsna" / "stage_2_train_labels.csv").read_text().count("\n") - 1
+    assert rows > len(rsna) and 0 < sum(rsna.values()) < len(rsna)  # multi-box rows exist
+    # same seed, same bytes of pixels; the small version is quick
+    a, b = tmp_path / "a", tmp_path / "b"
+    data.make_demo(a, size=32, n_xray=4, n_rsna=4, n_cells=1, quiet=True)
+    data.make_demo(b, size=32, n_xray=4, n_rsna=4, n_cells=1, quiet=True)
+    pa, pb = sorted(a.rglob("*.dcm")), sorted(b.rglob("*.dcm"))
+    assert [p.relative_to(a) for p in pa] == [p.relative_to(b) for p in pb]
+    assert all(np.array_equal(data.load_dicom(x), data.load_dicom(y)) for x, y in zip(pa, pb))
+
+
+def test_demo_pixels_carry_the_findings(demo):
+    # Cardiomegaly makes the heart bigger: the bright area in the lower middle of the image grows.
+    paths, y, m = data.read_chexpert_labels(demo / "mimic" / "mimic-cxr-2.0.0-chexpert.csv", image_root=demo / "mimic")
+    k = data.CHEXPERT_14.index("Cardiomegaly")
+    area = np.array([(data.load_dicom(p)[70:110, 40:110] > 0.45).mean() for p in paths])
+    assert area[y[:, k] == 1].mean() > area[y[:, k] == 0].mean() + 0.05
+
+
+def test_demo_command_line(tmp_path):
+    out = run_script("data.py", "demo", tmp_path / "d", "--size", "32").stdout
+    assert "demo data written" in out and "cytology/" in out
+    assert (tmp_path / "d" / "summary.json").is_file()
