@@ -1115,6 +1115,11 @@ def _random_findings(rng):
     return f
 
 
+def _matches(sentence, templates):
+    """Whether a sentence was made from one of the templates (their {placeholders} as wildcards)."""
+    return any(re.fullmatch(re.sub(r"\\\{\w+\\\}", ".+", re.escape(t)), sentence) for t in templates)
+
+
 def demo_report(rng, findings):
     """A MIMIC-CXR-style report (FINAL REPORT banner, FINDINGS, IMPRESSION) describing `findings`."""
     pick = lambda k, **kw: str(rng.choice(_SENTENCES[k])).format(**kw)  # noqa: E731
@@ -1142,6 +1147,12 @@ def demo_report(rng, findings):
         imp.append(pick("imp_cardiomegaly"))
     if not imp:
         imp.append(pick("imp_normal"))
+    if findings:  # abnormal studies keep one normal statement at most, so most sentences carry a finding
+        abnormal_keys = ("consolidation", "effusion", "cardiomegaly", "pneumothorax")
+        is_abn = [any(_matches(s, _SENTENCES[k]) for k in abnormal_keys) for s in fnd]
+        normals = [i for i, a in enumerate(is_abn) if not a]
+        drop = set(normals[1:]) if normals else set()
+        fnd = [s for i, s in enumerate(fnd) if i not in drop]
     order = rng.permutation(len(fnd))
     fnd = [fnd[i] for i in order]
     # wrap lines at ~70 characters as the archive's reports are

@@ -1,0 +1,232 @@
+"""convirt.py: the two losses by hand, their limits, DDP equivalence, and the script end to end."""
+import json
+import math
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import convirt
+from conftest import run_script
+
+U = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+V = torch.tensor([[1.0, 0.0], [0.6, 0.8]])  # unit vectors; S = U V^T = [[1, 0.6], [0, 0.8]]
+
+
+def softplus(x):
+    return math.log1p(math.exp(x))
+
+
+def test_infonce_hand_worked():
+    # tau = 1, S = [[1, 0.6], [0, 0.8]].
+    # image->text rows: -log(e^1/(e^1+e^0.6)) = log(1+e^-0.4) = 0.513015; log(1+e^-0.8) = 0.371101; mean 0.442058
+    # text->image rows of S^T = [[1, 0], [0.6, 0.8]]: log(1+e^-1) = 0.313262; log(1+e^-0.2) = 0.598139; mean 0.455700
+    # L = 0.75 * 0.442058 + 0.25 * 0.455700 = 0.445469
+    assert convirt.infonce_loss(U, V, tau=1.0, lam=0.75).item() == pytest.approx(0.445469, abs=1e-6)
+    assert convirt.infonce_loss(U, V, tau=1.0, lam=1.0).item() == pytest.approx(0.442058, abs=1e-6)
+    assert convirt.infonce_loss(U, V, tau=1.0, lam=0.0).item() == pytest.approx(0.455700, abs=1e-6)
+
+
+def test_infonce_matches_cross_entropy_and_limits():
+    torch.manual_seed(0)
+    u, v = F.normalize(torch.randn(6, 5), dim=1), F.normalize(torch.randn(6, 5), dim=1)
+    logits = u @ v.T / 0.1
+    ce_iv = F.cross_entropy(logits, torch.arange(6))
+    ce_vi = F.cross_entropy(logits.T, torch.arange(6))
+    assert torch.allclose(convirt.infonce_loss(u, v, 0.1, 1.0), ce_iv)
+    assert torch.allclose(convirt.infonce_loss(u, v, 0.1, 0.0), ce_vi)
+    assert torch.allclose(convirt.infonce_loss(u, v, 0.1, 0.3), 0.3 * ce_iv + 0.7 * ce_vi)
+    # perfectly aligned, orthogonal pairs: the loss goes to 0 as tau shrinks
+    e = torch.eye(4)
+    assert convirt.infonce_loss(e, e, tau=0.01).item() < 1e-6
+
+
+def test_sigmoid_hand_worked():
+    # t = 1, b = 0, logits = S = [[1, 0.6], [0, 0.8]], z = [[1, -1], [-1, 1]]
+    # L = (1/2) [softplus(-1) + softplus(0.6) + softplus(0) + softplus(-0.8)]
+    #   = (1/2) [0.313262 + 1.037488 + 0.693147 + 0.371101] = 1.207499
+    got = convirt.sigmoid_loss(U, V, torch.tensor(1.0), torch.tensor(0.0)).item()
+    assert got == pytest.approx(1.207499, abs=1e-6)
+    assert got == pytest.approx((softplus(-1) + softplus(0.6) + softplus(0) + softplus(-0.8)) / 2, abs=1e-6)
+    # positives weighted by 3: 3 * (0.313262 + 0.371101) + 1.037488 + 0.693147 over 2
+    w = convirt.sigmoid_loss(U, V, torch.tensor(1.0), torch.tensor(0.0), pos_weight=3.0).item()
+    assert w == pytest.approx((3 * (softplus(-1) + softplus(-0.8)) + softplus(0.6) + softplus(0)) / 2, abs=1e-6)
+
+
+@pytest.mark.parametrize("n", [4, 64])
+def test_sigmoid_collapse_value_and_stationary_bias(n):
+    # all embeddings identical: every cosine is 1, so the logit is a = t + b for all N^2 pairs and
+    # L(a) = softplus(-a) + (N-1) softplus(a), minimal where sigmoid(a) = 1/N, i.e. a = -log(N-1),
+    # with L = log N + (N-1) log(N/(N-1)) = L_c(N).
+    x = F.normalize(torch.ones(n, 3), dim=1)
+    t = torch.tensor(2.0)
+    b_star = -math.log(n - 1) - 2.0
+    grid = torch.linspace(b_star - 3, b_star + 3, 2001)
+    losses = torch.stack([convirt.sigmoid_loss(x, x, t, b) for b in grid])
+    assert losses.min().item() == pytest.approx(convirt.collapse_loss(n), abs=1e-5)
+    assert grid[losses.argmin()].item() == pytest.approx(b_star, abs=5e-3)
+    b = torch.tensor(b_star, requires_grad=True)
+    convirt.sigmoid_loss(x, x, t, b).backward()
+    assert abs(b.grad.item()) < 1e-5
+    assert convirt.collapse_loss(4) == pytest.approx(math.log(4) + 3 * math.log(4 / 3))
+
+
+def test_collapse_metrics():
+    e = torch.eye(8)
+    gap, spread = convirt.collapse_metrics(e, e)
+    assert gap == pytest.approx(1.0) and spread > 0.5
+    same = F.normalize(torch.ones(8, 8), dim=1)
+    gap, spread = convirt.collapse_metrics(same, same)
+    assert abs(gap) < 1e-6 and spread < 1e-6
+
+
+def test_lr_schedule():
+    assert convirt.lr_factor(0, 100, 10) == pytest.approx(0.1)
+    assert convirt.lr_factor(9, 100, 10) == pytest.approx(1.0)
+    assert convirt.lr_factor(55, 100, 10) == pytest.approx(0.5)
+    assert convirt.lr_factor(100, 100, 10) == pytest.approx(0.0)
+
+
+# ---------------------------------------------------------------------------------- distributed
+
+class Towers(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        torch.manual_seed(0)
+        self.img, self.txt = nn.Linear(6, 4), nn.Linear(5, 4)
+        self.t_prime, self.bias = nn.Parameter(torch.tensor(math.log(3.0))), nn.Parameter(torch.tensor(-1.0))
+        if kind == "softmax":  # as convirt.main does: unused parameters must not wait for gradients under DDP
+            self.t_prime.requires_grad_(False)
+            self.bias.requires_grad_(False)
+
+    def forward(self, x, y):
+        return F.normalize(self.img(x), dim=1), F.normalize(self.txt(y), dim=1)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 6, generator=g), torch.randn(8, 5, generator=g)
+
+
+def _loss(model, u, v, u_all, v_all, offset, kind):
+    if kind == "softmax":
+        return convirt.infonce_loss(u, v, 0.1, 0.75, u_all, v_all, offset)
+    return convirt.sigmoid_loss(u, v, model.t_prime.exp(), model.bias, v_all, offset, pos_weight=u_all.shape[0] - 1)
+
+
+def _worker(rank, world, port, kind, out):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    raw = Towers(kind)
+    model = nn.parallel.DistributedDataParallel(raw)
+    x, y = _batch()
+    n = x.shape[0] // world
+    u, v = model(x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n])
+    loss = _loss(raw, u, v, convirt.gather(u, world), convirt.gather(v, world), rank * n, kind)
+    loss.backward()
+    lv = loss.detach().clone()
+    dist.all_reduce(lv)
+    if rank == 0:
+        torch.save({"loss": lv / world, "grads": {k: p.grad for k, p in raw.named_parameters()}}, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_ddp_matches_one_process(kind, tmp_path):
+    model = Towers(kind)
+    x, y = _batch()
+    u, v = model(x, y)
+    loss = _loss(model, u, v, u, v, 0, kind)
+    loss.backward()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp.pt"
+    torch.multiprocessing.spawn(_worker, args=(2, port, kind, str(out)), nprocs=2)
+    got = torch.load(out)
+    assert got["loss"].item() == pytest.approx(loss.item(), abs=1e-5)
+    for k, p in model.named_parameters():
+        if p.grad is None:  # t and b take no part in the softmax loss
+            assert kind == "softmax" and k in ("t_prime", "bias") and got["grads"][k] is None
+            continue
+        assert torch.allclose(got["grads"][k], p.grad, atol=1e-5), k
+
+
+# ---------------------------------------------------------------------------------- the script
+
+SMALL = ["--size", "32", "--batch-size", "32", "--workers", "0", "--log-every", "1"]
+
+
+def test_help_lists_every_flag():
+    out = run_script("convirt.py", "--help").stdout
+    parser_flags = [a for a in open(convirt.__file__).read().split('p.add_argument("')[1:]]
+    for f in parser_flags:
+        assert f.split('"')[0] in out
+
+
+def test_smoke_and_checkpoint_into_torchvision(tmp_path, demo):
+    out = tmp_path / "run"
+    p = run_script("convirt.py", "--loss", "sigmoid", *SMALL, "--epochs", "1", "--max-steps", "2",
+                   "--eval-every", "1", "--out", out)
+    assert "checkpoint:" in p.stdout and "finetune.py --ckpt" in p.stdout
+    assert json.loads((out / "args.json").read_text())["loss"] == "sigmoid"
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all("gap" in r and "spread" in r and "t" in r for r in steps)
+    assert any("eval" in r for r in lines)
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    import torchvision
+
+    net = torchvision.models.resnet18()
+    missing, unexpected = net.load_state_dict(ck["encoder"], strict=False)
+    assert missing == ["fc.weight", "fc.bias"] and unexpected == []
+    assert torch.equal(net.conv1.weight, ck["encoder"]["conv1.weight"])
+    # a second run into the same folder refuses rather than overwriting
+    p = run_script("convirt.py", *SMALL, "--epochs", "1", "--out", out, check=False)
+    assert p.returncode != 0 and "already holds a checkpoint" in p.stderr
+
+
+def test_exact_resume(tmp_path, demo):
+    args = ["--loss", "softmax", *SMALL, "--epochs", "2", "--eval-every", "0", "--deterministic"]
+    run_script("convirt.py", *args, "--out", tmp_path / "full")
+    run_script("convirt.py", *args, "--out", tmp_path / "cut", "--max-steps", "6")  # 192 pairs / 32 = 6 steps = 1 epoch
+    run_script("convirt.py", *args, "--out", tmp_path / "cut", "--resume")
+    read = lambda d: [(r["step"], r["loss"]) for r in map(json.loads, (d / "log.jsonl").read_text().splitlines())]  # noqa
+    full, cut = read(tmp_path / "full"), read(tmp_path / "cut")
+    assert len(full) == 12 and [s for s, _ in cut] == [s for s, _ in full]
+    for (_, a), (_, b) in zip(full, cut):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_nan_guard_keeps_last_checkpoint(tmp_path, demo, monkeypatch):
+    calls = {"n": 0}
+    real = convirt.infonce_loss
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] > 6 else loss  # epoch 0 is clean, epoch 1 is not
+
+    monkeypatch.setattr(convirt, "infonce_loss", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit, match="loss is nan at step 7"):
+        convirt.main(["--loss", "softmax", *SMALL, "--epochs", "3", "--eval-every", "0", "--out", str(out)])
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ck["epoch"] == 0 and all(torch.isfinite(v).all() for v in ck["encoder"].values() if v.is_floating_point())
+
+
+def test_clear_errors(tmp_path):
+    p = run_script("convirt.py", "--batch-size", "1", check=False)
+    assert p.returncode == 2 and "--batch-size must be at least 2" in p.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    p = run_script("convirt.py", "--data", empty, "--out", tmp_path / "r", check=False)
+    assert p.returncode != 0 and "no images found" in p.stderr
+    p = run_script("convirt.py", *SMALL, "--text-model", "no-such-org/no-such-model", "--out", tmp_path / "r2", check=False)
+    assert p.returncode != 0 and "could not load text model 'no-such-org/no-such-model'" in p.stderr
