@@ -604,7 +604,8 @@ def main(argv=None):
         log.close()
         print(f"checkpoint: {ckpt_path}")
         task = "--task rsna" if args.data is None else "--task rsna --data /path/to/rsna"
-        print(f"evaluate it: python finetune.py --ckpt {ckpt_path} {task} --arch {args.arch}")
+        if (Path(__file__).parent / "finetune.py").exists():
+            print(f"evaluate it: python finetune.py --ckpt {ckpt_path} {task} --arch {args.arch}")
     if world > 1:
         dist.destroy_process_group()
     return last_eval

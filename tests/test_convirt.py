@@ -174,7 +174,7 @@ def test_smoke_and_checkpoint_into_torchvision(tmp_path, demo):
     out = tmp_path / "run"
     p = run_script("convirt.py", "--loss", "sigmoid", *SMALL, "--epochs", "1", "--max-steps", "2",
                    "--eval-every", "1", "--out", out)
-    assert "checkpoint:" in p.stdout and "finetune.py --ckpt" in p.stdout
+    assert "checkpoint:" in p.stdout
     assert json.loads((out / "args.json").read_text())["loss"] == "sigmoid"
     lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [r for r in lines if "loss" in r]
