@@ -230,3 +230,20 @@ def test_clear_errors(tmp_path):
     assert p.returncode != 0 and "no images found" in p.stderr
     p = run_script("convirt.py", *SMALL, "--text-model", "no-such-org/no-such-model", "--out", tmp_path / "r2", check=False)
     assert p.returncode != 0 and "could not load text model 'no-such-org/no-such-model'" in p.stderr
+
+
+def _spreads(out):
+    return [r["spread"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "spread" in r]
+
+
+def test_sigmoid_collapse_and_heuristic(tmp_path, demo):
+    # The documented regime: t = 1, b = 0 (a "trainable temperature" with no prior), N = 32, 32 px.
+    # Plain SigLIP collapses (spread below 0.1: every image at one point); the heuristic does not.
+    args = ["--loss", "sigmoid", "--t-init", "1", "--b-init", "0", "--size", "32", "--workers", "0",
+            "--epochs", "4", "--eval-every", "0", "--log-every", "6"]
+    run_script("convirt.py", *args, "--no-heuristic", "--out", tmp_path / "plain")
+    run_script("convirt.py", *args, "--out", tmp_path / "heuristic")
+    plain, heur = _spreads(tmp_path / "plain"), _spreads(tmp_path / "heuristic")
+    assert plain[-1] < 0.1, plain
+    assert min(heur) > 0.1, heur
+    assert convirt.t_floor(32) == pytest.approx(2 * math.log(31))
