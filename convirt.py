@@ -491,9 +491,8 @@ def main(argv=None):
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, step = state["epoch"] + 1, state["step"]
-    encode = model
     if args.compile:
-        model.image_encoder = torch.compile(model.image_encoder)
+        model.image_encoder.compile()  # in place: the state dict keeps torchvision's key names
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None) if world > 1 else model
     raw = model  # the module whose state dict is saved (torchvision key names, no 'module.' prefix)
 
@@ -517,7 +516,7 @@ def main(argv=None):
 
     def evaluate(epoch):
         model.eval()
-        img = embed_images(encode, eval_loader, device, amp)
+        img = embed_images(raw, eval_loader, device, amp)
         txt = {}
         names = data.CHEXPERT_14
         with torch.no_grad(), amp:
@@ -525,7 +524,7 @@ def main(argv=None):
                 if name in EVAL_QUERIES:
                     tok = tokenizer(EVAL_QUERIES[name], padding=True, truncation=True, max_length=args.max_tokens,
                                     return_tensors="pt").to(device)
-                    txt[c] = encode.encode_text(tok["input_ids"], tok["attention_mask"]).float().cpu()
+                    txt[c] = raw.encode_text(tok["input_ids"], tok["attention_mask"]).float().cpu()
         res = retrieval_precision(img, eval_labels_t, args.eval_k, txt)
         model.train()
         rec = {"epoch": epoch, "step": step, "eval": {names[c]: {"i2i": r[0], "t2i": r[1], "chance": r[2]} for c, r in res.items()}}
@@ -582,7 +581,7 @@ def main(argv=None):
                                      f"checkpoint, if any, is untouched at {ckpt_path}")
                 gap, spread = collapse_metrics(u_all.detach().float(), v_all.detach().float())
                 rec = {"step": step, "epoch": epoch, "loss": lv, "lr": scheduler.get_last_lr()[0], "gap": gap,
-                       "spread": spread, "img_per_s": round(step_imgs(bar, args.batch_size, t0), 1)}
+                       "spread": spread, "img_per_s": round(bar.n * args.batch_size / max(time.time() - t0, 1e-9), 1)}
                 if t is not None:
                     rec.update(t=float(t.detach()), b=float(b.detach()), collapse_loss=collapse_loss(u_all.shape[0]))
                 if spread < 0.1 and not warned and master:
@@ -621,11 +620,6 @@ def main(argv=None):
     if world > 1:
         dist.destroy_process_group()
     return last_eval
-
-
-def step_imgs(bar, batch_size, t0):
-    """Images per second since the epoch began."""
-    return bar.n * batch_size / max(time.time() - t0, 1e-9)
 
 
 if __name__ == "__main__":

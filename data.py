@@ -117,11 +117,8 @@ def _window(x, center, width, function="LINEAR"):
 
 
 def _first(v):
-    """First value of a possibly multi-valued DICOM element."""
-    try:
-        return float(v[0]) if isinstance(v, (list, tuple)) or hasattr(v, "__getitem__") and not isinstance(v, (str, bytes)) else float(v)
-    except TypeError:
-        return float(v)
+    """First value of a possibly multi-valued DICOM element (WindowCenter can hold several)."""
+    return float(v[0]) if hasattr(v, "__len__") and not isinstance(v, (str, bytes)) else float(v)
 
 
 def _dicom_to_display(ds, arr, path):
@@ -1186,7 +1183,6 @@ def write_dicom(path, display, rng, photometric="MONOCHROME2", bits=12, rle=Fals
     (center, width) chosen so that load_dicom returns `display` back to within a stored step.
     MONOCHROME1 stores the inverted image, as many CR readers do.
     """
-    import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
@@ -1219,7 +1215,6 @@ def write_dicom(path, display, rng, photometric="MONOCHROME2", bits=12, rle=Fals
     if rle:
         ds.compress(RLELossless, stored)
     ds.save_as(path, enforce_file_format=True)
-    return pydicom  # noqa (keeps the import used for linters)
 
 
 def cell_image(rng, size, cls):

@@ -3,7 +3,6 @@ import json
 import math
 import os
 import socket
-import tempfile
 
 import pytest
 import torch
