@@ -287,8 +287,8 @@ def main(argv=None):
 
     widths = [int(w) for w in args.projector.split("-")]
     model = BarlowTwins(args.arch, args.weights, widths, args.attn_hidden if args.loss == "agbt" else None).to(device)
-    if world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm statistics over the global batch
+    if world > 1 and cuda:  # BatchNorm statistics over the global batch (SyncBatchNorm is GPU-only; on CPU, per process)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)

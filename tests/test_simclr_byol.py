@@ -1,0 +1,222 @@
+"""simclr.py and byol.py: NT-Xent by hand and in its limits, BYOL's loss, EMA and schedule, DDP, the scripts."""
+import json
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import byol
+import data
+import simclr
+from conftest import run_script
+
+
+# ---------------------------------------------------------------------------------- NT-Xent
+
+def test_nt_xent_hand_worked():
+    # N = 2, tau = 1. Views a1 = (1, 0), a2 = (0, 1) and their twins b1 = (0.6, 0.8), b2 = (0, 1).
+    # Cosines: a1.a2 = 0, a1.b1 = 0.6, a1.b2 = 0, a2.b1 = 0.8, a2.b2 = 1, b1.b2 = 0.8.
+    # l(a1) = log(e^0 + e^0.6 + e^0) - 0.6   = log(3.822119) - 0.6 = 0.740805   (candidates a2, b1+, b2)
+    # l(a2) = log(e^0 + e^0.8 + e^1) - 1     = log(5.943823) - 1   = 0.782352   (a1, b1, b2+)
+    # l(b1) = log(e^0.6 + e^0.8 + e^0.8) - 0.6 = log(6.273241) - 0.6 = 1.236287 (a1+, a2, b2)
+    # l(b2) = log(e^0 + e^1 + e^0.8) - 1     = 0.782352                        (a1, a2+, b1)
+    # mean over the 2N = 4 anchors: (0.740805 + 0.782352 + 1.236287 + 0.782352) / 4 = 0.885449
+    z1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    z2 = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    assert simclr.nt_xent(z1, z2, temperature=1.0).item() == pytest.approx(0.885449, abs=1e-5)
+
+
+def test_nt_xent_scale_invariant_and_symmetric():
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(8, 16), torch.randn(8, 16)
+    a = simclr.nt_xent(z1, z2, 0.1)
+    assert simclr.nt_xent(z1 * 7.5, z2 * 0.01, 0.1).item() == pytest.approx(a.item(), rel=1e-5)
+    assert simclr.nt_xent(z2, z1, 0.1).item() == pytest.approx(a.item(), rel=1e-5)
+
+
+def test_nt_xent_lower_limit():
+    # aligned twins, orthogonal negatives: l = log(1 + (2N - 2) e^{-1/tau}) -> 0 as tau shrinks
+    e = torch.eye(4)
+    for tau in (1.0, 0.5, 0.1):
+        expected = math.log(1 + 6 * math.exp(-1 / tau))
+        assert simclr.nt_xent(e, e, tau).item() == pytest.approx(expected, rel=1e-5, abs=1e-6)  # float32
+    assert simclr.nt_xent(e, e, 0.02).item() < 1e-6  # 6 e^-50 in exact arithmetic
+
+
+def test_lars_step_reduces_a_quadratic():
+    w = nn.Parameter(torch.tensor([[3.0, -2.0]]))
+    opt = simclr.LARS([w], lr=1.0, weight_decay=0.0)
+    for _ in range(50):
+        opt.zero_grad()
+        (w ** 2).sum().backward()
+        opt.step()
+    assert w.norm() < 3.6  # trust ratio keeps each step at eta * |w|: slow, steady, never a blow-up
+    assert w.norm() < torch.tensor([3.0, -2.0]).norm()
+
+
+# ---------------------------------------------------------------------------------- BYOL
+
+def test_byol_loss_limits():
+    p = torch.randn(5, 8)
+    assert byol.byol_loss(p, p * 3).item() == pytest.approx(0.0, abs=1e-6)
+    assert byol.byol_loss(p, -p).item() == pytest.approx(4.0, abs=1e-6)
+    q = torch.tensor([[1.0, 0.0]])
+    assert byol.byol_loss(q, torch.tensor([[0.0, 1.0]])).item() == pytest.approx(2.0)
+
+
+def test_no_gradient_reaches_the_target():
+    online = byol.Online("resnet18", "none", 16, 8)
+    target = byol.Target(online)
+    x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    p1, p2 = online(x1, x2)
+    z1, z2 = target(x1, x2)
+    (byol.byol_loss(p1, z2) + byol.byol_loss(p2, z1)).backward()
+    assert all(p.grad is None and not p.requires_grad for p in target.parameters())
+    assert all(p.grad is not None for p in online.predictor.parameters())
+
+
+def test_ema_update_parameter_by_parameter():
+    online = byol.Online("resnet18", "none", 16, 8)
+    target = byol.Target(online)
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(torch.randn_like(p))
+    before = {k: v.clone() for k, v in target.named_parameters()}
+    byol.ema_update(target, online, 0.9)
+    on = dict(online.named_parameters())
+    for k, v in target.named_parameters():
+        assert torch.allclose(v, 0.9 * before[k] + 0.1 * on[k], atol=1e-6), k
+
+
+def test_tau_schedule_end_points():
+    assert byol.tau_schedule(0, 100, 0.996) == pytest.approx(0.996)
+    assert byol.tau_schedule(100, 100, 0.996) == pytest.approx(1.0)
+    assert byol.tau_schedule(50, 100, 0.996) == pytest.approx(0.998)
+
+
+# ---------------------------------------------------------------------------------- distributed
+
+class Head(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder, self.projector = nn.Linear(6, 5), nn.Linear(5, 4)
+
+    def forward(self, x1, x2):
+        return self.projector(self.encoder(x1)), self.projector(self.encoder(x2))
+
+
+def _batch():
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)
+
+
+def _worker(rank, world, port, out):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    raw = Head()
+    model = nn.parallel.DistributedDataParallel(raw)
+    x1, x2 = _batch()
+    n = x1.shape[0] // world
+    z1, z2 = model(x1[rank * n:(rank + 1) * n], x2[rank * n:(rank + 1) * n])
+    loss = simclr.nt_xent(z1, z2, 0.5, simclr.gather(z1, world), simclr.gather(z2, world), rank * n)
+    loss.backward()
+    lv = loss.detach().clone()
+    dist.all_reduce(lv)
+    # BYOL: a target updated by EMA from DDP-synchronised weights is the same on every rank
+    target = Head()
+    torch.optim.SGD(raw.parameters(), lr=0.1).step()
+    byol.ema_update(target, raw, 0.9)
+    flat = torch.cat([p.detach().flatten() for p in target.parameters()])
+    everyone = [torch.zeros_like(flat) for _ in range(world)]
+    dist.all_gather(everyone, flat)
+    if rank == 0:
+        torch.save({"loss": lv / world, "grads": {k: p.grad for k, p in raw.named_parameters()},
+                    "targets": everyone}, out)
+    dist.destroy_process_group()
+
+
+def test_ddp_simclr_matches_one_process_and_byol_targets_agree(tmp_path):
+    model = Head()
+    x1, x2 = _batch()
+    z1, z2 = model(x1, x2)
+    loss = simclr.nt_xent(z1, z2, 0.5)
+    loss.backward()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_worker, args=(2, port, str(tmp_path / "d.pt")), nprocs=2)
+    got = torch.load(tmp_path / "d.pt")
+    assert got["loss"].item() == pytest.approx(loss.item(), abs=1e-5)
+    for k, p in model.named_parameters():
+        assert torch.allclose(got["grads"][k], p.grad, atol=1e-5), k
+    assert torch.equal(got["targets"][0], got["targets"][1])
+
+
+# ---------------------------------------------------------------------------------- the scripts
+
+SMALL = ["--size", "32", "--batch-size", "16", "--workers", "0", "--log-every", "1"]
+
+
+@pytest.mark.parametrize("script", ["simclr.py", "byol.py"])
+def test_help_lists_every_flag(script):
+    out = run_script(script, "--help").stdout
+    for f in open(script).read().split('p.add_argument("')[1:]:
+        assert f.split('"')[0] in out
+
+
+@pytest.mark.parametrize("script,extra", [("simclr.py", ["--proj-hidden", "64"]), ("byol.py", ["--proj-hidden", "64"]),
+                                          ("simclr.py", ["--optimizer", "lars", "--lr", "0.1"])])
+def test_smoke_and_checkpoint_into_torchvision(script, extra, tmp_path, demo):
+    out = tmp_path / "run"
+    p = run_script(script, *SMALL, *extra, "--epochs", "1", "--max-steps", "2", "--knn-every", "1", "--out", out)
+    assert "checkpoint:" in p.stdout and "kNN top-1 accuracy" in p.stdout
+    steps = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all(math.isfinite(r["loss"]) and "spread" in r for r in steps)
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    import torchvision
+
+    net = torchvision.models.resnet18()
+    missing, unexpected = net.load_state_dict(ck["encoder"], strict=False)
+    assert missing == ["fc.weight", "fc.bias"] and unexpected == [] and ck["method"] == script[:-3]
+
+
+@pytest.mark.parametrize("preset", [p for p in data.PRESETS])
+def test_every_augmentation_preset_runs(preset, tmp_path, demo):
+    script = "simclr.py" if preset in ("xray", "simclr", "cytology-A", "cytology-C") else "byol.py"
+    kind = "xray" if preset in ("xray", "simclr") else "cytology"
+    run_script(script, *SMALL, "--proj-hidden", "32", "--demo", kind, "--aug", preset, "--epochs", "1",
+               "--max-steps", "1", "--knn-every", "0", "--out", tmp_path / preset)
+    assert (tmp_path / preset / "checkpoint.pt").is_file()
+
+
+@pytest.mark.parametrize("script", ["simclr.py", "byol.py"])
+def test_exact_resume(script, tmp_path, demo):
+    args = [*SMALL, "--proj-hidden", "64", "--epochs", "2", "--knn-every", "0", "--deterministic"]
+    run_script(script, *args, "--out", tmp_path / "full")
+    run_script(script, *args, "--out", tmp_path / "cut", "--max-steps", "15")  # 240 images / 16 = 15 steps
+    run_script(script, *args, "--out", tmp_path / "cut", "--resume")
+    read = lambda d: [(r["step"], r["loss"]) for r in map(json.loads, (d / "log.jsonl").read_text().splitlines())]  # noqa
+    full, cut = read(tmp_path / "full"), read(tmp_path / "cut")
+    assert len(full) == 30 and [s for s, _ in cut] == [s for s, _ in full]
+    for (_, a), (_, b) in zip(full, cut):
+        assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_clear_errors(tmp_path):
+    p = run_script("simclr.py", "--temperature", "0", check=False)
+    assert p.returncode == 2 and "--temperature must be > 0" in p.stderr
+    p = run_script("byol.py", "--tau-base", "1.5", check=False)
+    assert p.returncode == 2 and "--tau-base must be in [0, 1]" in p.stderr
+    bad = tmp_path / "imgs"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(b"not a png")
+    (bad / "b.png").write_bytes(b"nor this")
+    p = run_script("simclr.py", "--data", bad, "--batch-size", "2", "--out", tmp_path / "r", check=False)
+    assert p.returncode != 0 and "a.png: not an image file" in p.stderr and "Traceback" not in p.stderr
