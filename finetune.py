@@ -1,0 +1,679 @@
+"""finetune.py: turn pretrained encoders into the studies' comparison tables.
+
+Linear probing (frozen encoder, features extracted once, logistic regression with C chosen on the
+validation split) and full fine-tuning (AdamW, warm-up + cosine, early stopping on validation AUC) at
+several label fractions and seeds; AUC and F1 (threshold chosen on validation), accuracy, confusion
+matrices; ROC and AUC-vs-fraction figures; optional t-SNE + clustering of the embeddings and Grad-CAM.
+
+    python finetune.py --ckpt runs/convirt-sigmoid-X/checkpoint.pt --init random   # demo pneumonia task
+    python finetune.py --task folder --ckpt barlow=runs/barlow-X/checkpoint.pt --ckpt agbt=runs/agbt-X/checkpoint.pt \
+        --init random --mode linear finetune --embed --gradcam 2                       # demo cytology, 7 classes
+    python finetune.py --task rsna --data /data/rsna --ckpt convirt=ck.pt --init imagenet --arch resnet50 \
+        --size 224 --fractions 0.01 0.1 1.0 --seeds 0 1 2
+    python finetune.py --task chexpert --data /data/CheXpert-v1.0/train.csv --observations 5 --uncertainty ignore ...
+
+Checkpoints come from convirt.py, simclr.py, byol.py and barlow.py: their `encoder` entry is the image
+encoder under torchvision's key names. Splits are patient-level (train / val / test = 60 / 20 / 20 %,
+split seed 0, the same for every method); the test split is used once per cell, after model
+selection on val. Each finished cell is written to results.json at once, so a crash loses nothing
+and --resume skips what is done.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms.v2 as T
+
+import data
+
+METHODS = {"convirt", "simclr", "byol", "barlow", "agbt"}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", action="append", default=[], help="pretrained checkpoint, PATH or NAME=PATH (repeatable)")
+    p.add_argument("--init", action="append", default=[], choices=["imagenet", "random"], help="a supervised baseline row (repeatable)")
+    p.add_argument("--arch", default="resnet18",
+                   choices=["resnet18", "resnet50", "densenet121", "efficientnet_b0", "vit_b_16"], help="encoder (vit_b_16 needs --size 224)")
+    p.add_argument("--task", default="rsna", choices=["rsna", "chexpert", "folder", "csv", "hicervix"], help="downstream task")
+    p.add_argument("--data", default=None, help="task data: RSNA folder, CheXpert CSV, class-folder root, CSV; none: the demo sets")
+    p.add_argument("--image-root", default=None, help="images of a CSV task (default: the CSV's folder)")
+    p.add_argument("--label-col", default="label", help="csv task: label column (several, comma-separated, for multi-label)")
+    p.add_argument("--grouping", default=None, help="folder task: a grouping of the class folders, e.g. herlev-2class")
+    p.add_argument("--level", type=int, default=1, help="hicervix task: hierarchy level 1, 2 or 3")
+    p.add_argument("--observations", default="14", choices=["14", "5"], help="chexpert task: all 14 or the 5 competition ones")
+    p.add_argument("--uncertainty", default="ones", choices=["ones", "zeros", "ignore"], help="chexpert task: -1 labels")
+    p.add_argument("--mode", nargs="+", default=["linear"], choices=["linear", "finetune"], help="protocols")
+    p.add_argument("--head", default="sklearn", choices=["sklearn", "torch"], help="linear probe: logistic regression or a torch layer")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0], help="label fractions of the train split")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; each cell is mean +- std over them")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (use 224 for real data)")
+    p.add_argument("--channels", type=int, default=None, choices=[1, 3], help="channels read (default 3 for cytology, else 1)")
+    p.add_argument("--batch-size", type=int, default=32, help="fine-tuning batch")
+    p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (early stopping on val AUC)")
+    p.add_argument("--patience", type=int, default=3, help="fine-tuning: epochs without val AUC gain before stopping")
+    p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (the new head: 10x)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="fine-tuning weight decay")
+    p.add_argument("--embed", action="store_true", help="t-SNE, K-means / DBSCAN scores and class-similarity heat maps")
+    p.add_argument("--gradcam", type=int, default=0, help="Grad-CAM overlays for N test images per class")
+    p.add_argument("--cache-dir", default=data.default_cache_dir(), help="decode cache folder; '' decodes on the fly")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--out", default=None, help="output folder (default runs/finetune-TIME)")
+    p.add_argument("--resume", action="store_true", help="skip the cells already in --out/results.json")
+    args = p.parse_args(argv)
+    if not args.ckpt and not args.init:
+        p.error("give at least one --ckpt or --init row")
+    if any(not 0 < f <= 1 for f in args.fractions):
+        p.error("--fractions must be in (0, 1]")
+    if args.arch == "vit_b_16" and args.size != 224:
+        p.error("vit_b_16 needs --size 224")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+def image_encoder(arch, weights):
+    """A torchvision model without its classifier, and its feature dimension. Keys stay torchvision's."""
+    try:
+        net = getattr(torchvision.models, arch)(weights="DEFAULT" if weights == "imagenet" else None)
+    except Exception as e:  # no network, no cached weights
+        raise SystemExit(f"could not get ImageNet weights for {arch} ({type(e).__name__}: {e}); "
+                         "offline? use --init random, or copy the file into torchvision's cache (~/.cache/torch)") from None
+    if hasattr(net, "fc"):
+        dim, net.fc = net.fc.in_features, nn.Identity()
+    elif hasattr(net, "heads"):
+        dim, net.heads = net.heads.head.in_features, nn.Identity()
+    else:
+        cls = net.classifier
+        dim, net.classifier = (cls[-1] if isinstance(cls, nn.Sequential) else cls).in_features, nn.Identity()
+    return net, dim
+
+
+def load_encoder(path, arch):
+    """The image encoder of a pretraining checkpoint; clear errors for a foreign file or another arch."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    method = ck.get("method") if isinstance(ck, dict) else None
+    if method not in METHODS or "encoder" not in ck:
+        raise ValueError(f"{path}: not a checkpoint of convirt.py, simclr.py, byol.py or barlow.py (method {method!r})")
+    if ck.get("arch") != arch:
+        raise ValueError(f"{path}: the encoder is a {ck.get('arch')}, but --arch is {arch}")
+    net, dim = image_encoder(arch, "none")
+    net.load_state_dict(ck["encoder"])
+    return net, dim
+
+
+def last_conv_block(net):
+    """The layer Grad-CAM hooks: the last convolutional block."""
+    for name in ("layer4", "features"):
+        if hasattr(net, name):
+            return getattr(net, name)
+    raise ValueError("Grad-CAM needs a ResNet, DenseNet or EfficientNet encoder")
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+def best_f1_threshold(y, s):
+    """The score threshold that maximises F1 on (y, s) (chosen on validation, applied to test)."""
+    from sklearn.metrics import precision_recall_curve
+
+    if y.min() == y.max():
+        return 0.5
+    prec, rec, thr = precision_recall_curve(y, s)
+    f1 = 2 * prec * rec / np.maximum(prec + rec, 1e-12)
+    return float(thr[np.argmax(f1[:-1])])
+
+
+def metrics(kind, y, s, thresholds=None, mask=None):
+    """AUC (macro; per class), F1 (thresholded scores for binary / multi-label, argmax and macro for
+    multi-class), accuracy. kind: binary (s: n), multiclass (s: n x K probabilities), multilabel
+    (s, y: n x K; mask 0 leaves an entry out). A class with one label value only in y has no AUC:
+    it is reported as None and left out of the macro mean (never a crash later)."""
+    from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+
+    if kind == "binary":
+        t = 0.5 if thresholds is None else thresholds
+        auc = float(roc_auc_score(y, s)) if len(np.unique(y)) == 2 else None
+        pred = (s >= t).astype(int)
+        return {"auc": auc, "f1": float(f1_score(y, pred, zero_division=0)), "acc": float(accuracy_score(y, pred)),
+                "per_class_auc": [auc], "threshold": float(t)}
+    if kind == "multiclass":
+        per = []
+        for c in range(s.shape[1]):
+            yc = (y == c).astype(int)
+            per.append(float(roc_auc_score(yc, s[:, c])) if 0 < yc.sum() < len(yc) else None)
+        pred = s.argmax(1)
+        valid = [a for a in per if a is not None]
+        return {"auc": float(np.mean(valid)) if valid else None, "f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+                "acc": float(accuracy_score(y, pred)), "per_class_auc": per, "threshold": "argmax"}
+    mask = np.ones_like(y) if mask is None else mask
+    t = np.full(y.shape[1], 0.5) if thresholds is None else np.asarray(thresholds)
+    per, f1s, accs = [], [], []
+    for c in range(y.shape[1]):
+        m = mask[:, c] > 0
+        yc, sc = y[m, c], s[m, c]
+        per.append(float(roc_auc_score(yc, sc)) if len(np.unique(yc)) == 2 else None)
+        pc = (sc >= t[c]).astype(int)
+        f1s.append(float(f1_score(yc, pc, zero_division=0)) if len(yc) else 0.0)
+        accs.append(float(accuracy_score(yc, pc)) if len(yc) else 0.0)
+    valid = [a for a in per if a is not None]
+    return {"auc": float(np.mean(valid)) if valid else None, "f1": float(np.mean(f1s)), "acc": float(np.mean(accs)),
+            "per_class_auc": per, "threshold": [float(x) for x in t]}
+
+
+def choose_thresholds(kind, y, s, mask=None):
+    if kind == "binary":
+        return best_f1_threshold(y, s)
+    if kind == "multilabel":
+        mask = np.ones_like(y) if mask is None else mask
+        return [best_f1_threshold(y[mask[:, c] > 0, c], s[mask[:, c] > 0, c]) for c in range(y.shape[1])]
+    return None
+
+
+def confusion(kind, y, s, thresholds):
+    """Confusion matrices: one K x K (multi-class) or one 2 x 2 per class (binary, multi-label)."""
+    from sklearn.metrics import confusion_matrix
+
+    if kind == "multiclass":
+        return [confusion_matrix(y, s.argmax(1), labels=list(range(s.shape[1]))).tolist()]
+    if kind == "binary":
+        return [confusion_matrix(y, (s >= thresholds).astype(int), labels=[0, 1]).tolist()]
+    return [confusion_matrix(y[:, c], (s[:, c] >= thresholds[c]).astype(int), labels=[0, 1]).tolist() for c in range(y.shape[1])]
+
+
+def summarize(values):
+    """'mean +- std' over seeds ('-' when no value), two decimals."""
+    v = [x for x in values if x is not None]
+    if not v:
+        return "-"
+    return f"{np.mean(v):.2f}" if len(v) == 1 else f"{np.mean(v):.2f}±{np.std(v):.2f}"
+
+
+def results_table(cells, methods, fractions):
+    """Markdown tables in the studies' shape: rows = methods, columns = fractions, cells = F1 / AUC."""
+    lines = []
+    for mode in sorted({c["mode"] for c in cells}):
+        lines += [f"### {mode}", "", "| Method | " + " | ".join(f"{f * 100:g} %" for f in fractions) + " |",
+                  "|---|" + "---|" * len(fractions)]
+        for m in methods:
+            row = []
+            for f in fractions:
+                cs = [c for c in cells if c["mode"] == mode and c["method"] == m and c["fraction"] == f]
+                row.append(f"{summarize([c['f1'] for c in cs])} / {summarize([c['auc'] for c in cs])}" if cs else "")
+            lines.append(f"| {m} | " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\nCells: F1 / AUC (mean ± std over seeds); F1 at the threshold that maximises it on val.\n"
+
+
+def cluster_scores(features, labels, seed=0):
+    """K-means (K = classes) and DBSCAN on L2-normalised features: NMI, ARI, silhouette."""
+    from sklearn.cluster import DBSCAN, KMeans
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
+    from sklearn.neighbors import NearestNeighbors
+
+    f = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    k = len(np.unique(labels))
+    out = {}
+    km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(f)
+    # DBSCAN's eps: the median distance to the 5th neighbour, a common default when nothing is known
+    d = NearestNeighbors(n_neighbors=min(6, len(f))).fit(f).kneighbors(f)[0][:, -1]
+    db = DBSCAN(eps=float(np.median(d)), min_samples=5).fit_predict(f)
+    for name, pred in (("kmeans", km), ("dbscan", db)):
+        sil = float(silhouette_score(f, pred)) if 1 < len(np.unique(pred)) < len(f) else None
+        out[name] = {"nmi": float(normalized_mutual_info_score(labels, pred)),
+                     "ari": float(adjusted_rand_score(labels, pred)), "silhouette": sil}
+    return out
+
+
+def grad_cam(model, layer, x, target):
+    """Grad-CAM (Selvaraju et al. 2017, eq. 1-2): ReLU(sum_k alpha_k A^k), alpha_k the spatial mean of
+    d y_c / d A^k; upsampled to the input and scaled to [0, 1] per image. target: class index per image."""
+    acts, grads = [], []
+    h1 = layer.register_forward_hook(lambda m, i, o: acts.append(o))
+    h2 = layer.register_full_backward_hook(lambda m, gi, go: grads.append(go[0]))
+    try:
+        model.zero_grad()
+        out = model(x)
+        out = out if out.ndim == 2 else out[:, None]
+        sel = out.gather(1, target.view(-1, 1)).sum() if out.shape[1] > 1 else (out[:, 0] * (2 * target.float() - 1)).sum()
+        sel.backward()
+    finally:
+        h1.remove()
+        h2.remove()
+    a, g = acts[0].detach(), grads[0].detach()
+    cam = F.relu((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    lo = cam.flatten(1).min(1).values[:, None, None]
+    hi = cam.flatten(1).max(1).values[:, None, None]
+    return (cam - lo) / (hi - lo).clamp(min=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+def lr_factor(step, total, warmup):
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def load_task(args):
+    """(paths, labels, mask or None, class names, patient ids, kind)."""
+    demo = args.data is None
+    mask = None
+    if args.task == "rsna":
+        if demo:
+            paths, labels, names, ids = data.demo_labelled("rsna")
+        else:
+            root = Path(args.data)
+            lab = data.read_rsna_labels(root / "stage_2_train_labels.csv")
+            ids = sorted(lab)
+            paths = [str(root / "stage_2_train_images" / f"{i}.dcm") for i in ids]
+            labels, names = np.asarray([lab[i] for i in ids]), ["no pneumonia", "pneumonia"]
+        return paths, labels, None, names, ids, "binary"
+    if args.task == "chexpert":
+        names = data.CHEXPERT_14 if args.observations == "14" else data.CHEXPERT_5
+        csv_path = (data.demo_root() / "mimic" / "mimic-cxr-2.0.0-chexpert.csv") if demo else args.data
+        root = (data.demo_root() / "mimic") if demo else args.image_root
+        paths, labels, mask = data.read_chexpert_labels(csv_path, args.uncertainty, names, image_root=root)
+        ids = [Path(p).parent.parent.name if Path(p).parent.name.startswith("s") else Path(p).parent.name for p in paths]
+        keep = [c for c in range(len(names)) if 0 < labels[mask[:, c] > 0, c].sum() < (mask[:, c] > 0).sum()]
+        if not keep:
+            raise ValueError("no CheXpert observation has both positive and negative labels")
+        return paths, labels[:, keep], mask[:, keep], [names[c] for c in keep], ids, "multilabel"
+    if args.task == "folder":
+        if demo:
+            paths, labels, names, ids = data.demo_labelled("cytology-2class" if args.grouping == "herlev-2class" else "cytology")
+        else:
+            paths, labels, names = data.read_class_folders(args.data, args.grouping)
+            ids = paths
+    elif args.task == "csv":
+        if demo:
+            raise ValueError("--task csv needs --data CSV")
+        cols = args.label_col.split(",")
+        paths, labels, names = data.read_label_csv(args.data, label_col=cols if len(cols) > 1 else cols[0], root=args.image_root)
+        ids = paths
+        if len(cols) > 1:
+            return paths, labels, None, names, ids, "multilabel"
+    else:
+        if demo:
+            raise ValueError("--task hicervix needs --data CSV and --image-root")
+        paths, labels, names = data.read_hicervix(args.data, args.image_root, args.level)
+        ids = paths
+    if len(np.unique(labels)) < 2:
+        raise ValueError(f"the task has one class only ({names}): nothing to classify")
+    return paths, labels, None, names, ids, ("binary" if len(names) == 2 else "multiclass")
+
+
+def extract(encoder, loader, device, amp):
+    encoder.eval()
+    with torch.no_grad(), amp:
+        return torch.cat([encoder(x.to(device)).float().cpu() for x, _ in loader]).numpy()
+
+
+def fit_linear(kind, ftr, ytr, mtr, fva, yva, mva, seed, head):
+    """A linear classifier on frozen features; C (inverse L2 strength) chosen on val AUC.
+    Returns (scores function, torch Linear equivalent for Grad-CAM)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(ftr)
+    xtr, xva = scaler.transform(ftr), scaler.transform(fva)
+    if head == "torch" or kind == "multilabel":
+        k = ytr.shape[1] if kind == "multilabel" else (1 if kind == "binary" else int(ytr.max()) + 1)
+        best = None
+        for wd in (1e-4, 1e-3, 1e-2):
+            torch.manual_seed(seed)
+            lin = nn.Linear(xtr.shape[1], k)
+            opt = torch.optim.AdamW(lin.parameters(), lr=1e-2, weight_decay=wd)
+            X, Y = torch.as_tensor(xtr, dtype=torch.float32), torch.as_tensor(ytr)
+            M = torch.as_tensor(mtr if mtr is not None else np.ones((len(xtr), max(k, 1))), dtype=torch.float32)
+            for _ in range(300):
+                opt.zero_grad()
+                out = lin(X)
+                if kind == "multiclass":
+                    loss = F.cross_entropy(out, Y.long())
+                else:
+                    tgt = Y.float().view_as(out)
+                    loss = (F.binary_cross_entropy_with_logits(out, tgt, reduction="none") * M.view_as(out)).sum() / M.sum()
+                loss.backward()
+                opt.step()
+            score = _score_torch(lin, kind)
+            auc = metrics(kind, yva, score(xva), mask=mva)["auc"] or 0
+            if best is None or auc > best[0]:
+                best = (auc, lin)
+        lin = best[1]
+        return (lambda f: _score_torch(lin, kind)(scaler.transform(f))), _fold(lin, scaler)
+    best = None
+    for c in (0.01, 0.1, 1.0, 10.0):
+        clf = LogisticRegression(C=c, max_iter=3000, random_state=seed).fit(xtr, ytr)
+        s = clf.predict_proba(xva)
+        auc = metrics(kind, yva, s[:, 1] if kind == "binary" else s)["auc"] or 0
+        if best is None or auc > best[0]:
+            best = (auc, clf)
+    clf = best[1]
+    lin = nn.Linear(xtr.shape[1], clf.coef_.shape[0])
+    with torch.no_grad():
+        lin.weight.copy_(torch.as_tensor(clf.coef_))
+        lin.bias.copy_(torch.as_tensor(clf.intercept_))
+    return (lambda f: (lambda s: s[:, 1] if kind == "binary" else s)(clf.predict_proba(scaler.transform(f)))), _fold(lin, scaler)
+
+
+def _score_torch(lin, kind):
+    def score(x):
+        with torch.no_grad():
+            out = lin(torch.as_tensor(x, dtype=torch.float32))
+        if kind == "multiclass":
+            return out.softmax(1).numpy()
+        out = out.sigmoid().numpy()
+        return out[:, 0] if kind == "binary" else out
+    return score
+
+
+def _fold(lin, scaler):
+    """The scaler folded into the linear layer, so encoder -> layer gives the classifier's logits."""
+    w = lin.weight.detach() / torch.as_tensor(scaler.scale_, dtype=torch.float32)
+    b = lin.bias.detach() - (w * torch.as_tensor(scaler.mean_, dtype=torch.float32)).sum(1)
+    out = nn.Linear(w.shape[1], w.shape[0])
+    with torch.no_grad():
+        out.weight.copy_(w)
+        out.bias.copy_(b)
+    return out
+
+
+def finetune(encoder, dim, kind, n_out, train_ds, val_loader, yva, mva, args, device, amp, seed):
+    """Whole network trained; the weights with the best val AUC are kept. Returns the network."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(encoder, nn.Linear(dim, n_out)).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW([{"params": encoder.parameters(), "lr": args.lr},
+                             {"params": model[1].parameters(), "lr": args.lr * 10}], weight_decay=args.weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=min(args.batch_size, len(train_ds)), shuffle=True,
+                                         generator=g, num_workers=args.workers, drop_last=len(train_ds) > args.batch_size)
+    total = args.epochs * len(loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, max(1, total // 20)))
+    best, best_state, bad = -1.0, None, 0
+    for epoch in range(args.epochs):
+        model.train()
+        for x, (y, m) in loader:
+            x, y, m = x.to(device), y.to(device), m.to(device)
+            with amp:
+                out = model(x).float()
+            if kind == "multiclass":
+                loss = F.cross_entropy(out, y.long())
+            else:
+                loss = (F.binary_cross_entropy_with_logits(out, y.float().view_as(out), reduction="none") * m.view_as(out)).sum() / m.sum().clamp(min=1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        s = predict(model, val_loader, kind, device, amp)
+        auc = metrics(kind, yva, s, mask=mva)["auc"] or 0.0
+        if auc > best:
+            best, bad = auc, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= args.patience:
+                break
+    model.load_state_dict(best_state)
+    return model
+
+
+def predict(model, loader, kind, device, amp):
+    model.eval()
+    with torch.no_grad(), amp:
+        out = torch.cat([model(x.to(device)).float().cpu() for x, _ in loader])
+    if kind == "multiclass":
+        return out.softmax(1).numpy()
+    out = out.sigmoid().numpy()
+    return out[:, 0] if kind == "binary" else out
+
+
+def atomic_json(obj, path):
+    tmp = f"{path}.tmp"
+    Path(tmp).write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device(("cuda" if args.device == "auto" else args.device) if cuda else "cpu")
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    out = Path(args.out or f"runs/finetune-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (out / "results.json").exists() and not args.resume:
+        raise SystemExit(f"{out} already holds results: pass --resume to finish them, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "args.json").write_text(json.dumps(vars(args), indent=1))
+
+    paths, labels, mask, names, ids, kind = load_task(args)
+    channels = args.channels or (3 if args.task in ("folder", "hicervix") else 1)
+    rows = [(n, ("init", n)) for n in args.init]
+    for spec in args.ckpt:
+        name, path = spec.split("=", 1) if "=" in spec else (Path(spec).parent.name, spec)
+        load_encoder(path, args.arch)  # fail now, before any work, on a wrong file or arch
+        rows.append((name, ("ckpt", path)))
+    tr, va, te = data.patient_split(ids, (0.6, 0.2, 0.2), seed=0)
+    for split, idx in (("train", tr), ("val", va), ("test", te)):
+        y = labels[idx]
+        if kind != "multilabel" and len(np.unique(y)) < len(names):
+            missing = sorted(set(range(len(names))) - set(np.unique(y).tolist()))
+            raise ValueError(f"the {split} split has no example of class(es) {[names[c] for c in missing]}")
+    mask_all = mask if mask is not None else (np.ones_like(labels, dtype=np.float32) if kind == "multilabel" else None)
+    ds = data.ImageDataset(paths, None, data.eval_transform(args.size), size=args.size, channels=channels,
+                           cache_dir=args.cache_dir or None, skip_bad=args.skip_bad, workers=args.workers)
+    if len(ds) != len(paths):
+        raise ValueError(f"{len(paths) - len(ds)} unreadable images; finetune.py needs every labelled image readable")
+    loader_of = lambda idx: torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=64,  # noqa: E731
+                                                        num_workers=args.workers)
+    pick = lambda a, idx: None if a is None else a[idx]  # noqa: E731
+    results = json.loads((out / "results.json").read_text()) if args.resume and (out / "results.json").exists() else []
+    done = {(c["method"], c["mode"], c["fraction"], c["seed"]) for c in results}
+    fraction_sets = {(f, s): data.label_fraction(labels[tr] if kind != "multilabel" else (labels[tr] > 0), f, s)
+                     for f in args.fractions for s in args.seeds}
+    curves = {}
+    print(f"finetune: task {args.task} ({kind}, {len(names)} classes), {len(paths)} images "
+          f"(train {len(tr)} / val {len(va)} / test {len(te)}), rows {[r[0] for r in rows]}, modes {args.mode}")
+    for name, (src, what) in rows:
+        def fresh():
+            if src == "init":
+                return image_encoder(args.arch, "imagenet" if what == "imagenet" else "none")
+            return load_encoder(what, args.arch)
+        feats = None
+        for mode in args.mode:
+            for f in args.fractions:
+                for seed in args.seeds:
+                    if (name, mode, f, seed) in done:
+                        continue
+                    sub = tr[fraction_sets[(f, seed)]]
+                    torch.manual_seed(seed)
+                    enc, dim = fresh()
+                    enc = enc.to(device)
+                    if mode == "linear":
+                        if feats is None:  # extracted once per row (frozen encoder), reused by every cell
+                            feats = {k: extract(enc, loader_of(idx), device, amp) for k, idx in (("train", tr), ("val", va), ("test", te))}
+                        before = {k: v.clone() for k, v in enc.state_dict().items()}
+                        pos = {i: j for j, i in enumerate(tr)}
+                        ftr = feats["train"][[pos[i] for i in sub]]
+                        score, lin = fit_linear(kind, ftr, labels[sub], pick(mask_all, sub), feats["val"], labels[va],
+                                                pick(mask_all, va), seed, args.head)
+                        assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items()), "the encoder moved"
+                        s_va, s_te = score(feats["val"]), score(feats["test"])
+                        net = nn.Sequential(enc, lin.to(device))
+                    else:
+                        n_out = labels.shape[1] if kind == "multilabel" else (1 if kind == "binary" else len(names))
+                        aug = T.Compose([T.RandomResizedCrop(args.size, scale=(0.8, 1.0), antialias=True), data.ToRGBNormalized()])
+                        tgt = [(labels[i], mask_all[i] if mask_all is not None else np.float32(1)) for i in range(len(paths))]
+                        train_ds = data.ImageDataset([paths[i] for i in sub], [tgt[i] for i in sub], aug, size=args.size,
+                                                     channels=channels, cache_dir=args.cache_dir or None)
+                        net = finetune(enc, dim, kind, n_out, train_ds, loader_of(va), labels[va], pick(mask_all, va),
+                                       args, device, amp, seed)
+                        s_va, s_te = predict(net, loader_of(va), kind, device, amp), predict(net, loader_of(te), kind, device, amp)
+                    thr = choose_thresholds(kind, labels[va], s_va, pick(mask_all, va))
+                    m = metrics(kind, labels[te], s_te, thr, pick(mask_all, te))
+                    m.update(method=name, mode=mode, fraction=f, seed=seed, n_train=int(len(sub)),
+                             confusion=confusion(kind, labels[te], s_te, thr))
+                    results.append(m)
+                    atomic_json(results, out / "results.json")  # each finished cell is safe at once
+                    print(f"  {name:>12} {mode:>8} {f:>5g} seed {seed}: F1 {m['f1']:.3f}  AUC "
+                          f"{m['auc'] if m['auc'] is None else round(m['auc'], 3)}  (n_train {len(sub)})")
+                    if f == max(args.fractions) and seed == args.seeds[0]:
+                        curves[(name, mode)] = (s_te, net)
+        if args.embed and feats is not None:
+            (out / f"embed-{name}.json").write_text(json.dumps(embed_figures(feats["test"], labels[te], names, name, out, kind)))
+
+    methods = [r[0] for r in rows]
+    table = results_table(results, methods, args.fractions)
+    tmp = out / "results.md.tmp"
+    tmp.write_text(f"# {args.task}: {len(names)} classes, test n = {len(te)}\n\n{table}")
+    os.replace(tmp, out / "results.md")
+    write_csv(results, out / "results.csv")
+    print("\n" + table)
+    figures(results, curves, labels[te], pick(mask_all, te), names, kind, args.fractions, out)
+    if args.gradcam:
+        gradcam_figures(curves, ds, te, labels, names, kind, args.gradcam, out, device)
+    print(f"results: {out / 'results.md'}")
+
+
+def write_csv(results, path):
+    import csv
+
+    keys = ["method", "mode", "fraction", "seed", "n_train", "auc", "f1", "acc"]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(results)
+    os.replace(tmp, path)
+
+
+def figures(results, curves, y, mask, names, kind, fractions, out):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for mode in sorted({c["mode"] for c in results}):
+        for m in dict.fromkeys(c["method"] for c in results):
+            pts = [(f, np.mean([c["auc"] for c in results if c["method"] == m and c["mode"] == mode and c["fraction"] == f
+                                and c["auc"] is not None] or [np.nan])) for f in fractions]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{m} ({mode})")
+    ax.set(xscale="log", xlabel="label fraction", ylabel="test AUC", title="AUC against label fraction")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "auc_vs_fraction.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for (m, mode), (s, _) in curves.items():
+        yy, ss = (y, s) if kind == "binary" else (np.eye(len(names))[y].ravel(), s.ravel()) if kind == "multiclass" else (
+            y[mask > 0], s[mask > 0])
+        if len(np.unique(yy)) == 2:
+            fpr, tpr, _ = roc_curve(yy, ss)
+            ax.plot(fpr, tpr, label=f"{m} ({mode})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate",
+           title="ROC, 100 % labels" + ("" if kind == "binary" else " (micro-average)"))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "roc.png", dpi=120)
+    plt.close(fig)
+    last = [c for c in results if c["fraction"] == max(fractions)]
+    for c in last[:8]:
+        mats = c["confusion"]
+        fig, axes = plt.subplots(1, len(mats), figsize=(3 * len(mats), 3), squeeze=False)
+        for i, (a, mat) in enumerate(zip(axes[0], mats)):
+            a.imshow(mat, cmap="Blues")
+            for (r, q), v in np.ndenumerate(np.asarray(mat)):
+                a.text(q, r, str(v), ha="center", va="center", fontsize=7)
+            a.set(title=names[i] if kind == "multilabel" else c["method"], xlabel="predicted", ylabel="true")
+        fig.tight_layout()
+        fig.savefig(out / f"confusion-{c['method']}-{c['mode']}-seed{c['seed']}.png", dpi=100)
+        plt.close(fig)
+
+
+def embed_figures(f, y, names, method, out, kind):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+
+    if kind == "multilabel":
+        y = y.argmax(1)  # colour by the first positive observation
+    emb = TSNE(n_components=2, perplexity=max(2, min(30, len(f) // 4)), random_state=0, init="pca").fit_transform(f)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for c in np.unique(y):
+        ax.scatter(emb[y == c, 0], emb[y == c, 1], s=8, label=names[c] if c < len(names) else str(c))
+    ax.set(title=f"t-SNE of test features: {method}")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / f"tsne-{method}.png", dpi=120)
+    plt.close(fig)
+    fn = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    means = np.stack([fn[y == c].mean(0) for c in np.unique(y)])
+    means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    im = ax.imshow(means @ means.T, cmap="viridis")
+    ax.set(title="cosine between class means")
+    fig.colorbar(im)
+    fig.tight_layout()
+    fig.savefig(out / f"class-similarity-{method}.png", dpi=120)
+    plt.close(fig)
+    scores = cluster_scores(f, y)
+    print(f"  {method}: K-means NMI {scores['kmeans']['nmi']:.3f} ARI {scores['kmeans']['ari']:.3f}; "
+          f"DBSCAN NMI {scores['dbscan']['nmi']:.3f}")
+    return scores
+
+
+def gradcam_figures(curves, ds, te, labels, names, kind, n, out, device):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y = labels[te] if kind != "multilabel" else labels[te].argmax(1)
+    for (m, mode), (_, net) in curves.items():
+        net = net.to(device).eval()
+        chosen = [i for c in np.unique(y) for i in np.flatnonzero(y == c)[:n]]
+        x = torch.stack([ds[int(te[i])][0] for i in chosen]).to(device)
+        target = torch.as_tensor(y[chosen], device=device)
+        cams = grad_cam(net, last_conv_block(net[0]), x, target).cpu()
+        with torch.no_grad():
+            pred = net(x)
+            pred = (pred.argmax(1) if pred.shape[1] > 1 else (pred[:, 0] > 0).long()).cpu()
+        fig, axes = plt.subplots(1, len(chosen), figsize=(2 * len(chosen), 2.3), squeeze=False)
+        for a, img, cam, t, p in zip(axes[0], x.cpu(), cams, target.cpu(), pred):
+            g = (img * torch.tensor(data.IMAGENET_STD)[:, None, None] + torch.tensor(data.IMAGENET_MEAN)[:, None, None]).clamp(0, 1)
+            a.imshow(g.permute(1, 2, 0).numpy())
+            a.imshow(cam.numpy(), cmap="jet", alpha=0.4)
+            a.set_title(f"label {names[int(t)]}\npred {names[int(p)]}", fontsize=6)
+            a.axis("off")
+        fig.tight_layout()
+        fig.savefig(out / f"gradcam-{m}-{mode}.png", dpi=120)
+        plt.close(fig)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, data.BadImageError) as e:  # bad input: the message, not a traceback
+        raise SystemExit(f"finetune.py: {e}") from None

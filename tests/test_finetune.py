@@ -1,0 +1,183 @@
+"""finetune.py: metrics against scikit-learn, checkpoint loading from every pretraining script, frozen
+vs trained encoders, aggregation and tables, Grad-CAM, clustering, and the script end to end."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+from sklearn.metrics import f1_score, roc_auc_score
+
+import finetune
+from conftest import run_script
+
+
+# ---------------------------------------------------------------------------------- metrics
+
+def test_binary_metrics_match_sklearn():
+    y = np.array([0, 0, 1, 1, 0, 1])
+    s = np.array([0.1, 0.6, 0.4, 0.9, 0.2, 0.7])
+    m = finetune.metrics("binary", y, s, thresholds=0.5)
+    assert m["auc"] == pytest.approx(roc_auc_score(y, s))
+    assert m["f1"] == pytest.approx(f1_score(y, s >= 0.5))
+    # threshold chosen by F1: at 0.4 the positives 0.4, 0.7, 0.9 are all found and one negative (0.6)
+    # slips in: precision 3/4, recall 1, F1 = 6/7 = 0.857, the best of all thresholds
+    assert finetune.best_f1_threshold(y, s) == pytest.approx(0.4)
+    assert finetune.metrics("binary", y, s, 0.4)["f1"] == pytest.approx(6 / 7)
+
+
+def test_multiclass_metrics_match_sklearn():
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 2])
+    s = rng.dirichlet([1, 1, 1], size=10)
+    m = finetune.metrics("multiclass", y, s)
+    assert m["auc"] == pytest.approx(roc_auc_score(y, s, multi_class="ovr", average="macro"))
+    assert m["f1"] == pytest.approx(f1_score(y, s.argmax(1), average="macro"))
+
+
+def test_multilabel_class_without_positives_is_reported_not_a_crash():
+    y = np.array([[1, 0, 0], [0, 0, 1], [1, 0, 1], [0, 0, 0]])
+    s = np.array([[0.9, 0.1, 0.2], [0.2, 0.3, 0.8], [0.7, 0.2, 0.6], [0.1, 0.4, 0.3]])
+    m = finetune.metrics("multilabel", y, s, thresholds=[0.5, 0.5, 0.5])
+    assert m["per_class_auc"][1] is None  # no positive for class 1: no AUC, said so
+    assert m["auc"] == pytest.approx(np.mean([roc_auc_score(y[:, 0], s[:, 0]), roc_auc_score(y[:, 2], s[:, 2])]))
+    masked = finetune.metrics("multilabel", y, s, [0.5] * 3, mask=np.array([[1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 1, 1]]))
+    assert masked["per_class_auc"][2] == pytest.approx(roc_auc_score(y[[0, 1, 3], 2], s[[0, 1, 3], 2]))
+
+
+def test_summarize_and_table_shape():
+    assert finetune.summarize([0.5, 0.7]) == "0.60±0.10"
+    assert finetune.summarize([0.5]) == "0.50" and finetune.summarize([None]) == "-"
+    cells = [{"method": m, "mode": "linear", "fraction": f, "seed": s, "f1": 0.5, "auc": 0.6}
+             for m in ("random", "convirt") for f in (0.01, 1.0) for s in (0, 1)]
+    t = finetune.results_table(cells, ["random", "convirt"], [0.01, 1.0])
+    rows = [line for line in t.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| Method | 1 % | 100 % |" and len(rows) == 3
+    assert rows[2] == "| convirt | 0.50±0.00 / 0.60±0.00 | 0.50±0.00 / 0.60±0.00 |"
+
+
+def test_cluster_scores_on_known_clusters():
+    rng = np.random.default_rng(0)
+    centres = np.eye(4) * 10
+    y = np.repeat(np.arange(4), 30)
+    f = centres[y] + rng.normal(0, 0.3, (120, 4))
+    s = finetune.cluster_scores(f, y)
+    assert s["kmeans"]["nmi"] > 0.95 and s["kmeans"]["ari"] > 0.95 and s["kmeans"]["silhouette"] > 0.5
+
+
+def test_grad_cam_shape_and_range():
+    enc, dim = finetune.image_encoder("resnet18", "none")
+    net = nn.Sequential(enc, nn.Linear(dim, 3)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    cam = finetune.grad_cam(net, finetune.last_conv_block(enc), x, torch.tensor([0, 2]))
+    assert cam.shape == (2, 64, 64) and cam.min() >= 0 and cam.max() <= 1 + 1e-6
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+@pytest.fixture(scope="session")
+def checkpoints(demo, tmp_path_factory):
+    """One tiny checkpoint from each pretraining script (one step, 32-pixel images)."""
+    root = tmp_path_factory.mktemp("ckpts")
+    small = ["--size", "32", "--batch-size", "16", "--workers", "0", "--epochs", "1", "--max-steps", "1"]
+    out = {}
+    for script, extra in (("convirt.py", ["--eval-every", "0"]), ("simclr.py", ["--knn-every", "0", "--proj-hidden", "32"]),
+                          ("byol.py", ["--knn-every", "0", "--proj-hidden", "32"]),
+                          ("barlow.py", ["--knn-every", "0", "--projector", "32-32"])):
+        run_script(script, *small, *extra, "--out", root / script[:-3])
+        out[script[:-3]] = root / script[:-3] / "checkpoint.pt"
+    return out
+
+
+@pytest.mark.parametrize("method,prefix", [("convirt", "image_encoder."), ("simclr", "encoder."), ("byol", "encoder."),
+                                           ("barlow", "encoder.")])
+def test_every_pretraining_checkpoint_loads_with_the_same_features(checkpoints, method, prefix):
+    ck = torch.load(checkpoints[method], weights_only=False)
+    in_memory = torchvision.models.resnet18()
+    in_memory.fc = nn.Identity()
+    in_memory.load_state_dict({k[len(prefix):]: v for k, v in ck["model"].items() if k.startswith(prefix)})
+    loaded, dim = finetune.load_encoder(str(checkpoints[method]), "resnet18")
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval()(x), in_memory.eval()(x), atol=1e-6) and dim == 512
+
+
+def test_checkpoint_errors(checkpoints, tmp_path):
+    with pytest.raises(ValueError, match="the encoder is a resnet18, but --arch is resnet50"):
+        finetune.load_encoder(str(checkpoints["simclr"]), "resnet50")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a checkpoint of convirt.py, simclr.py, byol.py or barlow.py"):
+        finetune.load_encoder(str(tmp_path / "other.pt"), "resnet18")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        finetune.load_encoder(str(tmp_path / "none.pt"), "resnet18")
+
+
+def _watch_encoder(monkeypatch):
+    """Make load_encoder hand out one encoder object we keep, with a copy of its starting weights."""
+    enc, dim = finetune.image_encoder("resnet18", "none")
+    start = {k: v.clone() for k, v in enc.state_dict().items()}
+    monkeypatch.setattr(finetune, "load_encoder", lambda path, arch: (enc, dim))
+    return enc, start
+
+
+def test_linear_mode_keeps_the_encoder_frozen(checkpoints, monkeypatch, tmp_path):
+    enc, start = _watch_encoder(monkeypatch)
+    finetune.main(["--ckpt", str(checkpoints["simclr"]), "--mode", "linear", "--fractions", "1.0", "--size", "32",
+                   "--workers", "0", "--out", str(tmp_path / "lin")])
+    assert all(torch.equal(start[k], v) for k, v in enc.state_dict().items())
+
+
+def test_finetune_mode_trains_the_encoder(checkpoints, monkeypatch, tmp_path):
+    enc, start = _watch_encoder(monkeypatch)
+    finetune.main(["--ckpt", str(checkpoints["simclr"]), "--mode", "finetune", "--fractions", "0.1", "--size", "32",
+                   "--epochs", "1", "--workers", "0", "--out", str(tmp_path / "ft")])
+    assert not torch.equal(start["conv1.weight"], enc.state_dict()["conv1.weight"])
+
+
+# ---------------------------------------------------------------------------------- the script
+
+def test_smoke_both_modes_figures_and_resume(checkpoints, tmp_path):
+    out = tmp_path / "run"
+    args = ["--task", "folder", "--ckpt", f"barlow={checkpoints['barlow']}", "--init", "random", "--mode", "linear",
+            "finetune", "--fractions", "0.1", "1.0", "--seeds", "0", "1", "--size", "32", "--epochs", "1",
+            "--workers", "0", "--embed", "--gradcam", "1", "--out", out]
+    p = run_script("finetune.py", *args)
+    assert "| barlow |" in p.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert len(res) == 2 * 2 * 2 * 2  # rows x modes x fractions x seeds
+    ntrain = {(c["fraction"]): c["n_train"] for c in res}
+    assert ntrain[0.1] < ntrain[1.0] and ntrain[0.1] >= 7  # at least one per class of 7
+    for f in ("results.md", "results.csv", "roc.png", "auc_vs_fraction.png", "tsne-barlow.png", "gradcam-barlow-linear.png",
+              "class-similarity-random.png", "embed-barlow.json"):
+        assert (out / f).is_file(), f
+    md = (out / "results.md").read_text()
+    assert "±" in md and "### linear" in md and "### finetune" in md
+    # a second call refuses to overwrite; --resume finds every cell done and only rewrites the tables
+    assert run_script("finetune.py", *args, check=False).returncode != 0
+    p = run_script("finetune.py", *args, "--resume")
+    assert "seed 0:" not in p.stdout and len(json.loads((out / "results.json").read_text())) == 16
+
+
+def test_multilabel_chexpert_demo(tmp_path, demo):
+    p = run_script("finetune.py", "--task", "chexpert", "--init", "random", "--fractions", "1.0", "--size", "32",
+                   "--workers", "0", "--uncertainty", "ignore", "--out", tmp_path / "cx")
+    res = json.loads((tmp_path / "cx" / "results.json").read_text())
+    assert res[0]["auc"] is not None and len(res[0]["per_class_auc"]) >= 4 and "| random |" in p.stdout
+
+
+def test_clear_errors(tmp_path, demo):
+    p = run_script("finetune.py", "--task", "rsna", check=False)
+    assert p.returncode == 2 and "at least one --ckpt or --init" in p.stderr
+    csv = tmp_path / "l.csv"
+    csv.write_text("path,diagnosis\na.png,x\n")
+    p = run_script("finetune.py", "--task", "csv", "--data", csv, "--init", "random", "--out", tmp_path / "r", check=False)
+    assert p.returncode != 0 and "missing column(s) ['label']" in p.stderr and "Traceback" not in p.stderr
+    one = tmp_path / "one"
+    (one / "only").mkdir(parents=True)
+    import shutil
+
+    for i, src in enumerate(sorted((demo / "cytology" / "normal_columnar").iterdir())[:4]):
+        shutil.copy(src, one / "only" / f"{i}.png")
+    p = run_script("finetune.py", "--task", "folder", "--data", one, "--init", "random", "--out", tmp_path / "r2", check=False)
+    assert p.returncode != 0 and "needs at least two class folders, found ['only']" in p.stderr
