@@ -35,3 +35,23 @@ def run_script(*args, timeout=600, cwd=None, check=True):
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
+
+
+def logged_losses(run_dir):
+    """(step, loss) of every logged step in a run folder's log.jsonl."""
+    import json
+
+    lines = (Path(run_dir) / "log.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "loss" in r]
+
+
+def check_exact_resume(script, args, tmp_path, steps_per_epoch, rel=1e-5):
+    """A 2-epoch run cut after epoch 0 and resumed logs the same losses, step for step, as one
+    uninterrupted run."""
+    run_script(script, *args, "--out", tmp_path / "full")
+    run_script(script, *args, "--out", tmp_path / "cut", "--max-steps", str(steps_per_epoch))
+    run_script(script, *args, "--out", tmp_path / "cut", "--resume")
+    full, cut = logged_losses(tmp_path / "full"), logged_losses(tmp_path / "cut")
+    assert len(full) == 2 * steps_per_epoch and [s for s, _ in cut] == [s for s, _ in full]
+    for (_, a), (_, b) in zip(full, cut):
+        assert abs(a - b) <= rel * max(abs(a), 1e-12), (a, b)

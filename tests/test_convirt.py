@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import convirt
-from conftest import run_script
+from conftest import check_exact_resume, run_script
 
 U = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
 V = torch.tensor([[1.0, 0.0], [0.6, 0.8]])  # unit vectors; S = U V^T = [[1, 0.6], [0, 0.8]]
@@ -192,15 +192,9 @@ def test_smoke_and_checkpoint_into_torchvision(tmp_path, demo):
 
 
 def test_exact_resume(tmp_path, demo):
-    args = ["--loss", "softmax", *SMALL, "--epochs", "2", "--eval-every", "0", "--deterministic"]
-    run_script("convirt.py", *args, "--out", tmp_path / "full")
-    run_script("convirt.py", *args, "--out", tmp_path / "cut", "--max-steps", "6")  # 192 pairs / 32 = 6 steps = 1 epoch
-    run_script("convirt.py", *args, "--out", tmp_path / "cut", "--resume")
-    read = lambda d: [(r["step"], r["loss"]) for r in map(json.loads, (d / "log.jsonl").read_text().splitlines())]  # noqa
-    full, cut = read(tmp_path / "full"), read(tmp_path / "cut")
-    assert len(full) == 12 and [s for s, _ in cut] == [s for s, _ in full]
-    for (_, a), (_, b) in zip(full, cut):
-        assert a == pytest.approx(b, abs=1e-5)
+    # 192 training pairs / batch 32 = 6 steps an epoch
+    check_exact_resume("convirt.py", ["--loss", "softmax", *SMALL, "--epochs", "2", "--eval-every", "0", "--deterministic"],
+                       tmp_path, 6)
 
 
 def test_nan_guard_keeps_last_checkpoint(tmp_path, demo, monkeypatch):
@@ -246,3 +240,16 @@ def test_sigmoid_collapse_and_heuristic(tmp_path, demo):
     assert plain[-1] < 0.1, plain
     assert min(heur) > 0.1, heur
     assert convirt.t_floor(32) == pytest.approx(2 * math.log(31))
+
+
+def test_imagenet_weights_offline_gives_a_clear_error(monkeypatch):
+    import urllib.error
+
+    import torchvision.models._api as api
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    with pytest.raises(SystemExit, match="could not get ImageNet weights for resnet18.*use --weights none"):
+        convirt.image_encoder("resnet18", "imagenet")

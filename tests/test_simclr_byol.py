@@ -7,12 +7,11 @@ import socket
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import byol
 import data
 import simclr
-from conftest import run_script
+from conftest import check_exact_resume, run_script
 
 
 # ---------------------------------------------------------------------------------- NT-Xent
@@ -198,15 +197,9 @@ def test_every_augmentation_preset_runs(preset, tmp_path, demo):
 
 @pytest.mark.parametrize("script", ["simclr.py", "byol.py"])
 def test_exact_resume(script, tmp_path, demo):
-    args = [*SMALL, "--proj-hidden", "64", "--epochs", "2", "--knn-every", "0", "--deterministic"]
-    run_script(script, *args, "--out", tmp_path / "full")
-    run_script(script, *args, "--out", tmp_path / "cut", "--max-steps", "15")  # 240 images / 16 = 15 steps
-    run_script(script, *args, "--out", tmp_path / "cut", "--resume")
-    read = lambda d: [(r["step"], r["loss"]) for r in map(json.loads, (d / "log.jsonl").read_text().splitlines())]  # noqa
-    full, cut = read(tmp_path / "full"), read(tmp_path / "cut")
-    assert len(full) == 30 and [s for s, _ in cut] == [s for s, _ in full]
-    for (_, a), (_, b) in zip(full, cut):
-        assert a == pytest.approx(b, rel=1e-5)
+    # 240 images / batch 16 = 15 steps an epoch
+    check_exact_resume(script, [*SMALL, "--proj-hidden", "64", "--epochs", "2", "--knn-every", "0", "--deterministic"],
+                       tmp_path, 15)
 
 
 def test_clear_errors(tmp_path):

@@ -1,0 +1,280 @@
+"""Speed and memory of every pretraining script's training step against its physical floor.
+
+The floor of a step is the encoder's own forward + backward on the same batch (both views for the
+image-only methods; BYOL's target forward counted too; ConVIRT's text tower counted too). Everything
+a script adds on top (heads, the loss, the optimizer, gathers) is overhead: the ratio step/floor
+rate says how much of it there is. Synthetic tensors already in memory, so the data side is left
+out here and measured on its own (--loader).
+
+    python benchmarks/bench.py                                   # CPU: resnet18, 64 px, batch 32
+    python benchmarks/bench.py --device cuda --arch resnet50 --size 224 --batch-size 128 --compile
+    python benchmarks/bench.py --losses-only --loss-sizes 256 1024 4096
+
+Figures are medians of --repeats timed blocks of --steps steps, after --warmup steps; CUDA timings
+use CUDA events after a synchronise. Results: a markdown table on stdout and JSON in --out.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import barlow  # noqa: E402
+import byol  # noqa: E402
+import convirt  # noqa: E402
+import data  # noqa: E402
+import simclr  # noqa: E402
+
+CONFIGS = ["convirt-softmax", "convirt-sigmoid", "simclr", "byol", "barlow", "agbt"]
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet50"], help="image encoder")
+    p.add_argument("--size", type=int, default=64, help="image side")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step")
+    p.add_argument("--steps", type=int, default=5, help="steps per timed block")
+    p.add_argument("--repeats", type=int, default=3, help="timed blocks; the median is reported")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--compile", action="store_true", help="torch.compile the image encoder (CUDA)")
+    p.add_argument("--projector", default="1024-1024-1024", help="Barlow Twins projector (8192-8192-8192 for ResNet-50)")
+    p.add_argument("--only", default=None, choices=CONFIGS, help="one configuration (used for per-process peak memory)")
+    p.add_argument("--losses-only", action="store_true", help="only the loss timings")
+    p.add_argument("--loss-sizes", type=int, nargs="+", default=[256, 1024, 4096], help="batch sizes for the loss timings")
+    p.add_argument("--loader", action="store_true", help="also time the data pipeline (decode + augmentation)")
+    p.add_argument("--loader-images", type=int, default=128, help="demo images the loader benchmark reads")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers for the loader benchmark")
+    p.add_argument("--out", default="benchmarks/results.json", help="JSON results")
+    return p.parse_args(argv)
+
+
+def timer(device):
+    """A function that runs fn() `steps` times and returns the seconds, synchronised on CUDA."""
+    def run(fn, steps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            for _ in range(steps):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1000
+        t = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        return time.perf_counter() - t
+    return run
+
+
+def rate(fn, images, args, device):
+    """Median images/s of fn over --repeats blocks of --steps calls, after --warmup calls."""
+    for _ in range(args.warmup):
+        fn()
+    run = timer(device)
+    return statistics.median(images * args.steps / run(fn, args.steps) for _ in range(args.repeats))
+
+
+def build(name, args, device):
+    """(step function, floor function) for one configuration, on synthetic tensors."""
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    cl = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    b, s = args.batch_size, args.size
+    x1 = torch.randn(b, 3, s, s, device=device).contiguous(memory_format=cl)
+    x2 = torch.randn(b, 3, s, s, device=device).contiguous(memory_format=cl)
+
+    def encoder_floor(enc, views, extra=None):
+        def floor():
+            for x in views:
+                with amp:
+                    out = enc(x)
+                out.float().sum().backward()
+            if extra:
+                extra()
+        return floor
+
+    if name.startswith("convirt"):
+        reports = [data.demo_report(np.random.default_rng(i), data._random_findings(np.random.default_rng(i)))[0] for i in range(50)]
+        tok_json, text = convirt.demo_text_model(reports, 0)
+        tok = convirt.wrap_tokenizer(tok_json)
+        t = tok(["There is consolidation in the right lower lobe."] * b, padding="max_length", max_length=32, return_tensors="pt")
+        ids, mask = t["input_ids"].to(device), t["attention_mask"].to(device)
+        model = convirt.ConVIRT(args.arch, "none", text, 512, "max", 10.0, -math.log(b - 1)).to(device, memory_format=cl)
+        if args.compile:
+            model.image_encoder.compile()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            with amp:
+                u, v = model(x1, ids, mask)
+            if name == "convirt-softmax":
+                loss = convirt.infonce_loss(u, v)
+            else:
+                loss = convirt.sigmoid_loss(u, v, model.t_prime.exp().clamp(min=convirt.t_floor(b)), model.bias, pos_weight=b - 1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        def text_floor():
+            with amp:
+                h = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            h.float().sum().backward()
+        return step, encoder_floor(model.image_encoder, [x1], text_floor)
+    if name == "simclr":
+        model = simclr.SimCLR(args.arch, "none", 2048, 128).to(device, memory_format=cl)
+        loss_fn = lambda z1, z2: simclr.nt_xent(z1, z2, 0.1)  # noqa: E731
+    elif name in ("barlow", "agbt"):
+        widths = [int(w) for w in args.projector.split("-")]
+        model = barlow.BarlowTwins(args.arch, "none", widths, 512 if name == "agbt" else None).to(device, memory_format=cl)
+        loss_fn = lambda *o: (barlow.agbt_loss(*o) if o[2] is not None else barlow.barlow_twins_loss(o[0], o[1]))[0]  # noqa
+    else:
+        model = byol.Online(args.arch, "none", 4096, 256).to(device, memory_format=cl)
+        target = byol.Target(model).to(device)
+    if args.compile:
+        model.encoder.compile()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        with amp:
+            out = model(x1, x2)
+            if name == "byol":
+                with torch.no_grad():
+                    z1, z2 = target(x1, x2)
+        loss = byol.byol_loss(out[0], z2) + byol.byol_loss(out[1], z1) if name == "byol" else loss_fn(*out)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if name == "byol":
+            byol.ema_update(target, model, 0.996)
+
+    def target_forward():  # BYOL's floor includes its target network's forward on both views
+        with torch.no_grad(), amp:
+            target.encoder(x1), target.encoder(x2)
+    return step, encoder_floor(model.encoder, [x1, x2], target_forward if name == "byol" else None)
+
+
+def bench_config(name, args, device):
+    step, floor = build(name, args, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    r_step = rate(step, args.batch_size, args, device)
+    r_floor = rate(floor, args.batch_size, args, device)
+    rec = {"config": name, "step_img_per_s": round(r_step, 1), "floor_img_per_s": round(r_floor, 1),
+           "ratio": round(r_step / r_floor, 3), "overhead_x": round(r_floor / r_step, 3),
+           "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        rec["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+    return rec
+
+
+def bench_losses(args, device):
+    """Forward + backward time of each loss alone, at growing batch (and D = 8192 for Barlow Twins)."""
+    out = []
+    for n in args.loss_sizes:
+        for name in ("softmax", "sigmoid", "nt_xent", "barlow-8192"):
+            d = 8192 if name == "barlow-8192" else 512
+            a = torch.randn(n, d, device=device, requires_grad=True)
+            b = torch.randn(n, d, device=device, requires_grad=True)
+            fn = {"softmax": lambda: convirt.infonce_loss(F.normalize(a, dim=1), F.normalize(b, dim=1)),
+                  "sigmoid": lambda: convirt.sigmoid_loss(F.normalize(a, dim=1), F.normalize(b, dim=1), torch.tensor(10.0), torch.tensor(-10.0)),
+                  "nt_xent": lambda: simclr.nt_xent(a, b),
+                  "barlow-8192": lambda: barlow.barlow_twins_loss(a, b)[0]}[name]
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            sec = 1 / rate(lambda: fn().backward(), 1, args, device)
+            rec = {"loss": name, "n": n, "d": d, "ms": round(sec * 1000, 2)}
+            if device.type == "cuda":
+                rec["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+            out.append(rec)
+    return out
+
+
+def bench_loader(args):
+    """Images/s that each script's data pipeline delivers: decode + augmentation, DICOM vs the cache."""
+    import tempfile
+
+    paths = data.demo_images("xray")[:args.loader_images]
+    out = []
+    pipelines = {"convirt": convirt.convirt_transform(args.size, False),
+                 "ssl-xray": data.TwoViews(data.ssl_transform("xray", args.size, 1))}
+    for cache in (False, True):
+        root = tempfile.mkdtemp(prefix="medssl-bench-") if cache else None
+        for pname, tf in pipelines.items():
+            ds = data.ImageDataset(paths, None, tf, size=args.size, channels=1, cache_dir=root)
+            for w in args.workers:
+                loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=w)
+                for _ in loader:  # warm-up pass: workers start, files enter the page cache
+                    break
+                t = time.perf_counter()
+                n = sum(len(x[0]) if isinstance(x, (list, tuple)) and not torch.is_tensor(x) else len(x) for x, _ in loader)
+                out.append({"pipeline": pname, "source": "cache" if cache else "DICOM", "workers": w,
+                            "img_per_s": round(n / (time.perf_counter() - t), 1)})
+    return out
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    if args.only:  # one configuration in this process, so its peak memory is its own
+        print(json.dumps(bench_config(args.only, args, device)))
+        return
+    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else _cpu_name(),
+               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "args": vars(args)}
+    if not args.losses_only:
+        rows = []
+        for name in CONFIGS:
+            cmd = [sys.executable, __file__] + [a for a in (argv or sys.argv[1:])] + ["--only", name]
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode:
+                raise SystemExit(f"{name} failed:\n{p.stderr[-2000:]}")
+            rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
+        results["steps"] = rows
+        print(f"\nTraining step vs floor: {args.arch}, {args.size} px, batch {args.batch_size}, {results['device']}")
+        print("| script | step img/s | floor img/s | step / floor | overhead | peak RSS MiB |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['config']} | {r['step_img_per_s']} | {r['floor_img_per_s']} | {r['ratio']} | "
+                  f"{r['overhead_x']}x | {r['peak_rss_mib']} |")
+    results["losses"] = bench_losses(args, device)
+    print("\nLosses alone, forward + backward (ms):")
+    print("| loss | " + " | ".join(f"N={n}" for n in args.loss_sizes) + " |")
+    print("|---|" + "---|" * len(args.loss_sizes))
+    for name in ("softmax", "sigmoid", "nt_xent", "barlow-8192"):
+        print(f"| {name} | " + " | ".join(str(r["ms"]) for r in results["losses"] if r["loss"] == name) + " |")
+    if args.loader:
+        results["loader"] = bench_loader(args)
+        print("\nData pipeline (decode + augmentation):")
+        print("| pipeline | source | workers | img/s |\n|---|---|---|---|")
+        for r in results["loader"]:
+            print(f"| {r['pipeline']} | {r['source']} | {r['workers']} | {r['img_per_s']} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(f"\nresults: {args.out}")
+
+
+def _cpu_name():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} x {os.cpu_count()}"
+    except OSError:
+        pass
+    return f"cpu x {os.cpu_count()}"
+
+
+if __name__ == "__main__":
+    main()

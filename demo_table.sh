@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The demo comparison table, in one command: pretrain every method on the demo data, then evaluate
+# them at 1 / 10 / 100 % of the labels, linear probe and fine-tuning. About 15 minutes on 2 CPU cores.
+#   bash demo_table.sh [OUT]       (default runs/demo-table)
+set -euo pipefail
+cd "$(dirname "$0")"
+out=${1:-runs/demo-table}
+mkdir -p "$out"
+py=${PYTHON:-python}
+run() { [ -f "$out/$1/checkpoint.pt" ] || "$py" "${@:2}" --out "$out/$1"; }
+
+# image-report pretraining (demo chest radiographs), then the demo pneumonia task
+run convirt-softmax convirt.py --loss softmax
+run convirt-sigmoid convirt.py --loss sigmoid
+run convirt-sigmoid-plain convirt.py --loss sigmoid --no-heuristic
+"$py" finetune.py --task rsna --init random \
+    --ckpt "ConVIRT softmax=$out/convirt-softmax/checkpoint.pt" \
+    --ckpt "ConVIRT sigmoid + heuristic=$out/convirt-sigmoid/checkpoint.pt" \
+    --ckpt "ConVIRT sigmoid, plain=$out/convirt-sigmoid-plain/checkpoint.pt" \
+    --mode linear finetune --seeds 0 1 --resume --out "$out/pneumonia"
+
+# image-only pretraining (demo cytology), then the 7-class cytology task
+run simclr simclr.py --demo cytology --aug cytology-B
+run byol byol.py --demo cytology --aug cytology-B
+run barlow barlow.py --aug cytology-B
+run agbt barlow.py --loss agbt --aug cytology-B
+"$py" finetune.py --task folder --init random \
+    --ckpt "SimCLR=$out/simclr/checkpoint.pt" --ckpt "BYOL=$out/byol/checkpoint.pt" \
+    --ckpt "Barlow Twins=$out/barlow/checkpoint.pt" --ckpt "AGBT=$out/agbt/checkpoint.pt" \
+    --mode linear finetune --seeds 0 1 --resume --out "$out/cytology"
+
+echo
+echo "== demo pneumonia (RSNA-style) =="; cat "$out/pneumonia/results.md"
+echo "== demo cytology (Herlev-style, 7 classes) =="; cat "$out/cytology/results.md"
