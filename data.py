@@ -818,16 +818,20 @@ class ImageDataset(torch.utils.data.Dataset):
         return fit_square(load_image(self.paths[j], self.channels), self.size)
 
     def __getitem__(self, i):
-        try:
-            img = self.read(i)
-        except BadImageError as e:
-            if not self.skip_bad:
-                raise
-            path = self.paths[int(self.index[i])]
-            if path not in self.skipped:
-                self.skipped[path] = str(e)
-                print(f"skipping unreadable file: {e}", file=sys.stderr)
-            return self[(i + 1) % len(self)]
+        for _ in range(len(self)):  # an unreadable file (only met here without the cache) yields the next one
+            try:
+                img = self.read(i)
+                break
+            except BadImageError as e:
+                if not self.skip_bad:
+                    raise
+                path = self.paths[int(self.index[i])]
+                if path not in self.skipped:
+                    self.skipped[path] = str(e)
+                    print(f"skipping unreadable file: {e}", file=sys.stderr)
+                i = (i + 1) % len(self)
+        else:
+            raise BadImageError(f"none of the {len(self)} images could be read; first error: {next(iter(self.skipped.values()))}")
         j = int(self.index[i])
         t = self.targets[j] if self.targets is not None else j
         if self.target_transform is not None:

@@ -452,6 +452,8 @@ def test_dataset_skip_bad(tmp_path, demo):
     assert t == 0 and "bad.dcm" in lazy.report_skipped()
     with pytest.raises(data.BadImageError):
         data.ImageDataset(paths, size=16)[3]
+    with pytest.raises(data.BadImageError, match="none of the 1 images could be read"):
+        data.ImageDataset([str(bad)], size=16, skip_bad=True)[0]
 
 
 def test_empty_dataset_and_folder(tmp_path):
