@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2 as T
+from tqdm import tqdm
 
 IMAGE_EXTS = {".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -710,7 +711,7 @@ class DecodeCache:
                 else:
                     pool, results = None, map(_decode_one, jobs)
                 nslots = self.data_path.stat().st_size // (self.dtype.itemsize * int(np.prod(self.shape))) if self.data_path.is_file() else 0
-                bar = _progress(len(jobs), "decoding into cache", progress)
+                bar = tqdm(total=len(jobs), desc="decoding into cache", disable=not progress, leave=False)
                 try:
                     with open(self.data_path, "ab") as out:
                         for (k, p), (arr, err) in zip(todo, results):
@@ -758,22 +759,6 @@ def _atomic_write_text(path, text):
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
-
-
-def _progress(total, desc, enabled):
-    try:
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
-    except ImportError:  # tqdm comes with transformers; this is only for a bare install
-        class _Null:
-            def update(self, n):
-                pass
-
-            def close(self):
-                pass
-
-        return _Null()
 
 
 class ImageDataset(torch.utils.data.Dataset):
