@@ -95,7 +95,7 @@ def get_args(argv=None):
     # optimisation
     p.add_argument("--epochs", type=int, default=None, help="passes over the data (default 50; 30 on the demo data)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch, split over torchrun processes (default 64; 32 on the demo data)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate of the image tower, heads, t and b (default 3e-4; 1e-3 on the demo data)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of the image tower, heads, t and b (default 3e-4; 1e-3 on the demo data with --loss sigmoid)")
     p.add_argument("--text-lr", type=float, default=None,
                    help="learning rate of the text encoder (default 3e-5 for a pretrained --text-model; --lr for the demo BERT, which starts from scratch)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
@@ -120,7 +120,9 @@ def get_args(argv=None):
     args.size = args.size or (64 if demo else 224)
     args.epochs = args.epochs or (30 if demo else 50)
     args.batch_size = args.batch_size or (32 if demo else 64)
-    args.lr = args.lr or (1e-3 if demo else 3e-4)
+    # demo: the sigmoid loss learns faster at 1e-3; the softmax loss stays on its log N plateau there
+    # and leaves it at the paper's 3e-4 (measured: README, the demo table)
+    args.lr = args.lr or (1e-3 if demo and args.loss == "sigmoid" else 3e-4)
     args.text_lr = args.text_lr or (3e-5 if args.text_model else args.lr)
     if args.batch_size < 2:
         p.error("--batch-size must be at least 2: a contrastive loss needs negatives in the batch")
