@@ -55,3 +55,24 @@ def check_exact_resume(script, args, tmp_path, steps_per_epoch, rel=1e-5):
     assert len(full) == 2 * steps_per_epoch and [s for s, _ in cut] == [s for s, _ in full]
     for (_, a), (_, b) in zip(full, cut):
         assert abs(a - b) <= rel * max(abs(a), 1e-12), (a, b)
+
+
+def spawn_two(worker, *args):
+    """Run worker(rank, 2, port, *args) in two processes, port a free loopback port for gloo."""
+    import socket
+
+    import torch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(worker, args=(2, port, *args), nprocs=2)
+
+
+def init_gloo(rank, world, port):
+    """The process group of one spawn_two worker."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    return dist

@@ -1,15 +1,13 @@
 """barlow.py: the cytology study's worked example, an independent formulation, invariances, AGBT,
 DDP equivalence, and the script end to end."""
 import json
-import os
-import socket
 
 import pytest
 import torch
 import torch.nn as nn
 
 import barlow
-from conftest import check_exact_resume, run_script
+from conftest import check_exact_resume, init_gloo, run_script, spawn_two
 
 # The cervical-cytology study's worked example (3 samples, 3 dimensions, lambda = 0.005).
 Z_A = torch.tensor([[0.3367, 0.1288, 0.2345], [0.2303, -1.1229, -0.1863], [2.2082, -0.6380, 0.4617]], dtype=torch.float64)
@@ -111,10 +109,7 @@ def _loss(p1, p2, a1, a2):
 
 
 def _worker(rank, world, port, agbt, out):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist = init_gloo(rank, world, port)
     raw = Proj(agbt)
     model = nn.parallel.DistributedDataParallel(raw)
     x1, x2 = _batch()
@@ -134,10 +129,7 @@ def test_ddp_matches_one_process(agbt, tmp_path):
     x1, x2 = _batch()
     loss = _loss(*model(x1, x2))
     loss.backward()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_worker, args=(2, port, agbt, str(tmp_path / "d.pt")), nprocs=2)
+    spawn_two(_worker, agbt, str(tmp_path / "d.pt"))
     got = torch.load(tmp_path / "d.pt")
     assert got["loss"].item() == pytest.approx(loss.item(), abs=1e-5)
     for k, p in model.named_parameters():

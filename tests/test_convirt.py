@@ -1,8 +1,6 @@
 """convirt.py: the two losses by hand, their limits, DDP equivalence, and the script end to end."""
 import json
 import math
-import os
-import socket
 
 import pytest
 import torch
@@ -10,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import convirt
-from conftest import check_exact_resume, run_script
+from conftest import check_exact_resume, init_gloo, run_script, spawn_two
 
 U = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
 V = torch.tensor([[1.0, 0.0], [0.6, 0.8]])  # unit vectors; S = U V^T = [[1, 0.6], [0, 0.8]]
@@ -118,10 +116,7 @@ def _loss(model, u, v, u_all, v_all, offset, kind):
 
 
 def _worker(rank, world, port, kind, out):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist = init_gloo(rank, world, port)
     raw = Towers(kind)
     model = nn.parallel.DistributedDataParallel(raw)
     x, y = _batch()
@@ -143,11 +138,8 @@ def test_ddp_matches_one_process(kind, tmp_path):
     u, v = model(x, y)
     loss = _loss(model, u, v, u, v, 0, kind)
     loss.backward()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "ddp.pt"
-    torch.multiprocessing.spawn(_worker, args=(2, port, kind, str(out)), nprocs=2)
+    spawn_two(_worker, kind, str(out))
     got = torch.load(out)
     assert got["loss"].item() == pytest.approx(loss.item(), abs=1e-5)
     for k, p in model.named_parameters():

@@ -1,8 +1,6 @@
 """simclr.py and byol.py: NT-Xent by hand and in its limits, BYOL's loss, EMA and schedule, DDP, the scripts."""
 import json
 import math
-import os
-import socket
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ import torch.nn as nn
 import byol
 import data
 import simclr
-from conftest import check_exact_resume, run_script
+from conftest import check_exact_resume, init_gloo, run_script, spawn_two
 
 
 # ---------------------------------------------------------------------------------- NT-Xent
@@ -115,10 +113,7 @@ def _batch():
 
 
 def _worker(rank, world, port, out):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist = init_gloo(rank, world, port)
     raw = Head()
     model = nn.parallel.DistributedDataParallel(raw)
     x1, x2 = _batch()
@@ -147,10 +142,7 @@ def test_ddp_simclr_matches_one_process_and_byol_targets_agree(tmp_path):
     z1, z2 = model(x1, x2)
     loss = simclr.nt_xent(z1, z2, 0.5)
     loss.backward()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_worker, args=(2, port, str(tmp_path / "d.pt")), nprocs=2)
+    spawn_two(_worker, str(tmp_path / "d.pt"))
     got = torch.load(tmp_path / "d.pt")
     assert got["loss"].item() == pytest.approx(loss.item(), abs=1e-5)
     for k, p in model.named_parameters():
