@@ -488,6 +488,9 @@ def main(argv=None):
     done = {(c["method"], c["mode"], c["fraction"], c["seed"]) for c in results}
     fraction_sets = {(f, s): data.label_fraction(labels[tr] if kind != "multilabel" else (labels[tr] > 0), f, s)
                      for f in args.fractions for s in args.seeds}
+    n_out = labels.shape[1] if kind == "multilabel" else (1 if kind == "binary" else len(names))
+    ft_aug = T.Compose([T.RandomResizedCrop(args.size, scale=(0.8, 1.0), antialias=True), data.ToRGBNormalized()])
+    ft_targets = [(labels[i], mask_all[i] if mask_all is not None else np.float32(1)) for i in range(len(paths))]
     curves = {}
     print(f"finetune: task {args.task} ({kind}, {len(names)} classes), {len(paths)} images "
           f"(train {len(tr)} / val {len(va)} / test {len(te)}), rows {[r[0] for r in rows]}, modes {args.mode}")
@@ -502,7 +505,8 @@ def main(argv=None):
                 for seed in args.seeds:
                     if (name, mode, f, seed) in done:
                         continue
-                    sub = tr[fraction_sets[(f, seed)]]
+                    chosen = fraction_sets[(f, seed)]  # positions in the train split
+                    sub = tr[chosen]
                     torch.manual_seed(seed)
                     enc, dim = fresh()
                     enc = enc.to(device)
@@ -510,18 +514,13 @@ def main(argv=None):
                         if feats is None:  # extracted once per row (frozen encoder), reused by every cell
                             feats = {k: extract(enc, loader_of(idx), device, amp) for k, idx in (("train", tr), ("val", va), ("test", te))}
                         before = {k: v.clone() for k, v in enc.state_dict().items()}
-                        pos = {i: j for j, i in enumerate(tr)}
-                        ftr = feats["train"][[pos[i] for i in sub]]
-                        score, lin = fit_linear(kind, ftr, labels[sub], pick(mask_all, sub), feats["val"], labels[va],
+                        score, lin = fit_linear(kind, feats["train"][chosen], labels[sub], pick(mask_all, sub), feats["val"], labels[va],
                                                 pick(mask_all, va), seed, args.head)
                         assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items()), "the encoder moved"
                         s_va, s_te = score(feats["val"]), score(feats["test"])
                         net = nn.Sequential(enc, lin.to(device))
                     else:
-                        n_out = labels.shape[1] if kind == "multilabel" else (1 if kind == "binary" else len(names))
-                        aug = T.Compose([T.RandomResizedCrop(args.size, scale=(0.8, 1.0), antialias=True), data.ToRGBNormalized()])
-                        tgt = [(labels[i], mask_all[i] if mask_all is not None else np.float32(1)) for i in range(len(paths))]
-                        train_ds = data.ImageDataset([paths[i] for i in sub], [tgt[i] for i in sub], aug, size=args.size,
+                        train_ds = data.ImageDataset([paths[i] for i in sub], [ft_targets[i] for i in sub], ft_aug, size=args.size,
                                                      channels=channels, cache_dir=args.cache_dir or None)
                         net = finetune(enc, dim, kind, n_out, train_ds, loader_of(va), labels[va], pick(mask_all, va),
                                        args, device, amp, seed)
