@@ -348,7 +348,7 @@ def main(argv=None):
         sampler.set_epoch(epoch)
         bar = tqdm(loader, desc=f"epoch {epoch}", disable=not master, leave=False)
         t0 = time.time()
-        for (x1, x2), _ in bar:
+        for i, ((x1, x2), _) in enumerate(bar, 1):
             x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
             if cuda:
                 x1, x2 = x1.contiguous(memory_format=torch.channels_last), x2.contiguous(memory_format=torch.channels_last)
@@ -377,7 +377,7 @@ def main(argv=None):
                 spread, offd = embedding_spread(z1), off_diagonal_mean(z1, z2)
                 rec = {"step": step, "epoch": epoch, "loss": lv, "invariance": float(on), "redundancy": float(off),
                        "lr": scheduler.get_last_lr()[0], "spread": spread, "offdiag_abs_c": offd,
-                       "img_per_s": round(bar.n * args.batch_size / max(time.time() - t0, 1e-9), 1)}
+                       "img_per_s": round(i * args.batch_size / max(time.time() - t0, 1e-9), 1)}
                 if spread < 0.1 and not warned and master:
                     warned = True
                     warnings.warn(f"step {step}: the embeddings have collapsed (spread {spread:.3f} < 0.1)")

@@ -547,7 +547,7 @@ def main(argv=None):
         sampler.set_epoch(epoch)
         bar = tqdm(loader, desc=f"epoch {epoch}", disable=not master, leave=False)
         t0 = time.time()
-        for x, text in bar:
+        for i, (x, text) in enumerate(bar, 1):
             x = x.to(device, non_blocking=True)
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -583,7 +583,7 @@ def main(argv=None):
                                      f"checkpoint, if any, is untouched at {ckpt_path}")
                 gap, spread = collapse_metrics(u_all.detach().float(), v_all.detach().float())
                 rec = {"step": step, "epoch": epoch, "loss": lv, "lr": scheduler.get_last_lr()[0], "gap": gap,
-                       "spread": spread, "img_per_s": round(bar.n * args.batch_size / max(time.time() - t0, 1e-9), 1)}
+                       "spread": spread, "img_per_s": round(i * args.batch_size / max(time.time() - t0, 1e-9), 1)}
                 if t is not None:
                     rec.update(t=float(t.detach()), b=float(b.detach()), collapse_loss=collapse_loss(u_all.shape[0]))
                 if spread < 0.1 and not warned and master:

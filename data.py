@@ -898,7 +898,7 @@ class ToRGBNormalized(torch.nn.Module):
         return (x - mean) / std
 
 
-PRESETS = ["xray", "cytology-A", "cytology-B", "cytology-C", "cytology-D", "cytology-E", "simclr"]
+PRESETS = ["xray", "xray-chessboard", "cytology-A", "cytology-B", "cytology-C", "cytology-D", "cytology-E", "simclr"]
 
 
 def ssl_transform(preset, size, channels=1, clahe=False):
@@ -907,8 +907,10 @@ def ssl_transform(preset, size, channels=1, clahe=False):
     Input: float C x H x W in [0, 1] (what ImageDataset reads); output: 3 x size x size,
     ImageNet-normalised. Presets:
       xray        resized crop, rotation +-10 deg, Gaussian blur, brightness/contrast, random
-                  erasing, chessboard mask (the X-ray augmentation study); clahe=True puts
-                  CLAHE first (needs scikit-image)
+                  erasing (the X-ray augmentation study's set, no flip: laterality matters);
+                  clahe=True puts CLAHE first (needs scikit-image)
+      xray-chessboard  xray + the study's chessboard mask (p 0.3). Opt-in: on the demo it made
+                  SimCLR's and BYOL's features worse than random weights (README)
       cytology-A  random crop + horizontal/vertical flip (the cytology study's baseline)
       cytology-B  A + colour jitter + histogram equalisation
       cytology-C  A + soft elastic deformation
@@ -919,13 +921,14 @@ def ssl_transform(preset, size, channels=1, clahe=False):
     crop_a = [T.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True),
               T.RandomHorizontalFlip(), T.RandomVerticalFlip()]
     blur = T.GaussianBlur(kernel_size=2 * (size // 20) + 1, sigma=(0.1, 2.0))
-    if preset == "xray":
+    if preset in ("xray", "xray-chessboard"):
         ops = [T.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.85, 1.15), antialias=True),
                T.RandomApply([T.RandomRotation(10)], p=0.5),
                T.RandomApply([blur], p=0.3),
                T.ColorJitter(brightness=0.3, contrast=0.3),
-               ChessboardMask(p=0.3),
                T.RandomErasing(p=0.3, scale=(0.02, 0.1), value=0)]
+        if preset == "xray-chessboard":
+            ops.insert(4, ChessboardMask(p=0.3))
         if clahe:
             ops.insert(0, CLAHE())
     elif preset == "cytology-A":
@@ -968,7 +971,7 @@ class TwoViews:
 # The built-in demo data set
 # ----------------------------------------------------------------------------------
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2  # 2: 600 RSNA-style images (was 200), one random stream per part
 LOBES = {  # (centre u, centre v) in the phantom's [-1, 1] frame; the patient's right is the image's left
     "right upper lobe": (-0.38, -0.32), "right middle lobe": (-0.36, 0.08), "right lower lobe": (-0.40, 0.34),
     "left upper lobe": (0.40, -0.30), "left lower lobe": (0.42, 0.32),
@@ -1255,7 +1258,7 @@ def cell_image(rng, size, cls):
     return np.clip(img, 0, 1).astype(np.float32)
 
 
-def make_demo(out_dir, size=128, n_xray=240, n_rsna=200, n_cells=40, seed=0, quiet=False):
+def make_demo(out_dir, size=128, n_xray=240, n_rsna=600, n_cells=40, seed=0, quiet=False):
     """Write the demo data set into out_dir and return a summary dict.
 
     out_dir/mimic/files/pXX/pSUBJECT/sSTUDY/<id>.dcm + sSTUDY.txt   image-report pairs (MIMIC-CXR layout)
@@ -1269,7 +1272,7 @@ def make_demo(out_dir, size=128, n_xray=240, n_rsna=200, n_cells=40, seed=0, qui
 
     t0 = time.time()
     out = Path(out_dir)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)  # the RSNA and cytology parts draw their own streams: resizing one changes no other
     mimic = out / "mimic"
     chex_rows, meta_rows, n_rle, n_m1 = [], [], 0, 0
     for i in range(n_xray):
@@ -1292,6 +1295,7 @@ def make_demo(out_dir, size=128, n_xray=240, n_rsna=200, n_cells=40, seed=0, qui
     _write_csv(mimic / "mimic-cxr-2.0.0-metadata.csv", ["dicom_id", "subject_id", "study_id", "ViewPosition"], meta_rows)
 
     rsna = out / "rsna"
+    rng = np.random.default_rng([seed, 1])
     (rsna / "stage_2_train_images").mkdir(parents=True, exist_ok=True)
     box_rows, n_pos = [], 0
     for i in range(n_rsna):
@@ -1314,6 +1318,7 @@ def make_demo(out_dir, size=128, n_xray=240, n_rsna=200, n_cells=40, seed=0, qui
     _write_csv(rsna / "stage_2_train_labels.csv", ["patientId", "x", "y", "width", "height", "Target"], box_rows)
 
     cyto = out / "cytology"
+    rng = np.random.default_rng([seed, 2])
     for cls in HERLEV_CLASSES:
         (cyto / cls).mkdir(parents=True, exist_ok=True)
         for j in range(n_cells):

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The demo comparison table, in one command: pretrain every method on the demo data, then evaluate
-# them at 1 / 10 / 100 % of the labels, linear probe and fine-tuning. About 15 minutes on 2 CPU cores.
+# them at 1 / 10 / 100 % of the labels, linear probe and fine-tuning. About 45 minutes on 2 CPU cores.
 #   bash demo_table.sh [OUT]       (default runs/demo-table)
 set -euo pipefail
 cd "$(dirname "$0")"
 out=${1:-runs/demo-table}
 mkdir -p "$out"
 py=${PYTHON:-python}
-run() { [ -f "$out/$1/checkpoint.pt" ] || "$py" "${@:2}" --out "$out/$1"; }
+# a run cut short keeps its last epoch's checkpoint: --resume finishes it (and returns at once if it is done)
+run() { if [ -f "$out/$1/checkpoint.pt" ]; then "$py" "${@:2}" --out "$out/$1" --resume; else "$py" "${@:2}" --out "$out/$1"; fi; }
 
 # image-report pretraining (demo chest radiographs), then the demo pneumonia task
 run convirt-softmax convirt.py --loss softmax
@@ -18,6 +19,18 @@ run convirt-sigmoid-plain convirt.py --loss sigmoid --no-heuristic
     --ckpt "ConVIRT sigmoid + heuristic=$out/convirt-sigmoid/checkpoint.pt" \
     --ckpt "ConVIRT sigmoid, plain=$out/convirt-sigmoid-plain/checkpoint.pt" \
     --mode linear finetune --seeds 0 1 --resume --out "$out/pneumonia"
+
+# image-only pretraining on the demo chest radiographs (the scripts' defaults), linear probe on pneumonia
+# and the X-ray study's comparison, one flag apart: with the chessboard mask
+run simclr-xray simclr.py
+run byol-xray byol.py
+run simclr-xray-chessboard simclr.py --aug xray-chessboard
+run byol-xray-chessboard byol.py --aug xray-chessboard
+"$py" finetune.py --task rsna --init random \
+    --ckpt "SimCLR=$out/simclr-xray/checkpoint.pt" --ckpt "BYOL=$out/byol-xray/checkpoint.pt" \
+    --ckpt "SimCLR, xray-chessboard=$out/simclr-xray-chessboard/checkpoint.pt" \
+    --ckpt "BYOL, xray-chessboard=$out/byol-xray-chessboard/checkpoint.pt" \
+    --mode linear --fractions 0.1 1.0 --seeds 0 1 2 --resume --out "$out/pneumonia-image-only"
 
 # image-only pretraining (demo cytology), then the 7-class cytology task
 run simclr simclr.py --demo cytology --aug cytology-B
@@ -31,4 +44,5 @@ run agbt barlow.py --loss agbt --aug cytology-B
 
 echo
 echo "== demo pneumonia (RSNA-style) =="; cat "$out/pneumonia/results.md"
+echo "== demo pneumonia, image-only pretraining on the demo radiographs =="; cat "$out/pneumonia-image-only/results.md"
 echo "== demo cytology (Herlev-style, 7 classes) =="; cat "$out/cytology/results.md"

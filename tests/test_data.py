@@ -467,7 +467,7 @@ def test_empty_dataset_and_folder(tmp_path):
 
 @pytest.mark.parametrize("preset", data.PRESETS)
 def test_presets(preset):
-    channels = 1 if preset in ("xray", "simclr") else 3
+    channels = 3 if preset.startswith("cytology") else 1
     x = torch.rand(channels, 48, 48)
     t = data.ssl_transform(preset, 32, channels)
     torch.manual_seed(0)
@@ -488,6 +488,14 @@ def test_simclr_preset_on_colour_and_unknown_preset():
     assert data.ssl_transform("simclr", 16, 3)(torch.rand(3, 20, 20)).shape == (3, 16, 16)
     with pytest.raises(ValueError, match="unknown augmentation preset"):
         data.ssl_transform("cutmix", 16)
+
+
+def test_chessboard_mask_is_opt_in():
+    # on the demo, chessboard masking made SimCLR's and BYOL's features worse than random (README)
+    def has_mask(preset):
+        return any(isinstance(t, data.ChessboardMask) for t in data.ssl_transform(preset, 32).transforms)
+
+    assert not has_mask("xray") and has_mask("xray-chessboard")
 
 
 def test_chessboard_mask():
