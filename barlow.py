@@ -89,8 +89,8 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     demo = args.data is None
     args.arch = args.arch or ("resnet18" if demo else "resnet50")
-    args.size = args.size or (64 if demo else 224)
-    args.epochs = args.epochs or (20 if demo else 100)
+    args.size = args.size if args.size is not None else (64 if demo else 224)
+    args.epochs = args.epochs if args.epochs is not None else (20 if demo else 100)
     args.projector = args.projector or ("1024-1024-1024" if demo else "8192-8192-8192")
     args.aug = args.aug or ("xray" if demo and args.demo == "xray" else "cytology-A")
     args.channels = args.channels or (3 if args.aug.startswith("cytology") else 1)

@@ -117,13 +117,13 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     demo = args.data is None
     args.arch = args.arch or ("resnet18" if demo else "resnet50")
-    args.size = args.size or (64 if demo else 224)
-    args.epochs = args.epochs or (30 if demo else 50)
-    args.batch_size = args.batch_size or (32 if demo else 64)
+    args.size = args.size if args.size is not None else (64 if demo else 224)
+    args.epochs = args.epochs if args.epochs is not None else (30 if demo else 50)
+    args.batch_size = args.batch_size if args.batch_size is not None else (32 if demo else 64)
     # demo: the sigmoid loss learns faster at 1e-3; the softmax loss stays on its log N plateau there
     # and leaves it at the paper's 3e-4 (measured: README, the demo table)
-    args.lr = args.lr or (1e-3 if demo and args.loss == "sigmoid" else 3e-4)
-    args.text_lr = args.text_lr or (3e-5 if args.text_model else args.lr)
+    args.lr = args.lr if args.lr is not None else (1e-3 if demo and args.loss == "sigmoid" else 3e-4)
+    args.text_lr = args.text_lr if args.text_lr is not None else (3e-5 if args.text_model else args.lr)
     if args.batch_size < 2:
         p.error("--batch-size must be at least 2: a contrastive loss needs negatives in the batch")
     if args.freeze_text_layers < 0 or args.epochs < 1 or args.size < 16:

@@ -82,10 +82,10 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     demo = args.data is None
     args.arch = args.arch or ("resnet18" if demo else "resnet50")
-    args.size = args.size or (64 if demo else 224)
-    # the demo has 240 images: a smaller batch gives the steps these methods need to learn in a few minutes
-    args.epochs = args.epochs or (60 if demo else 100)
-    args.batch_size = args.batch_size or (32 if demo else 64)
+    args.size = args.size if args.size is not None else (64 if demo else 224)
+    # the demo sets have 240-280 images: a smaller batch gives the steps these methods need in a few minutes
+    args.epochs = args.epochs if args.epochs is not None else (60 if demo else 100)
+    args.batch_size = args.batch_size if args.batch_size is not None else (32 if demo else 64)
     args.aug = args.aug or ("xray" if demo and args.demo == "xray" else "cytology-A")
     args.channels = args.channels or (3 if args.aug.startswith("cytology") else 1)
     args.eval_data = args.eval_data or ("demo" if demo else None)

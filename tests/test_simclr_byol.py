@@ -195,6 +195,20 @@ def test_exact_resume(script, tmp_path, demo):
                        tmp_path, 15)
 
 
+@pytest.mark.parametrize("module", [simclr, byol])
+def test_demo_and_real_data_defaults(module, capsys):
+    demo, real = module.get_args([]), module.get_args(["--data", "/data/x"])
+    assert (demo.batch_size, demo.epochs, demo.arch, demo.size, demo.aug) == (32, 60, "resnet18", 64, "xray")
+    assert (real.batch_size, real.epochs, real.arch, real.size) == (64, 100, "resnet50", 224)
+    if module is byol:
+        assert (demo.tau_base, real.tau_base) == (0.99, 0.996)
+    # an explicit 0 is an error, not a request for the default
+    for flag, msg in (("--batch-size", "--batch-size must be at least 2"), ("--epochs", "--epochs must be >= 1")):
+        with pytest.raises(SystemExit):
+            module.get_args([flag, "0"])
+        assert msg in capsys.readouterr().err
+
+
 def test_clear_errors(tmp_path):
     p = run_script("simclr.py", "--temperature", "0", check=False)
     assert p.returncode == 2 and "--temperature must be > 0" in p.stderr
