@@ -491,7 +491,7 @@ def test_simclr_preset_on_colour_and_unknown_preset():
 
 
 def test_chessboard_mask_is_opt_in():
-    # on the demo, chessboard masking made SimCLR's and BYOL's features worse than random (README)
+    # in the demo tuning runs the chessboard mask lowered SimCLR's and BYOL's linear probe (README)
     def has_mask(preset):
         return any(isinstance(t, data.ChessboardMask) for t in data.ssl_transform(preset, 32).transforms)
 
