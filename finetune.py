@@ -16,7 +16,7 @@ Checkpoints come from convirt.py, simclr.py, byol.py and barlow.py: their `encod
 encoder under torchvision's key names. Splits are patient-level (train / val / test = 60 / 20 / 20 %,
 split seed 0, the same for every method); the test split is used once per cell, after model
 selection on val. Each finished cell is written to results.json at once, so a crash loses nothing
-and --resume skips what is done.
+and --resume skips what is done (a checkpoint re-trained since, same name and path, is evaluated again).
 """
 import argparse
 import contextlib
@@ -63,7 +63,7 @@ def get_args(argv=None):
     p.add_argument("--patience", type=int, default=3, help="fine-tuning: epochs without val AUC gain before stopping")
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (the new head: 10x)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="fine-tuning weight decay")
-    p.add_argument("--embed", action="store_true", help="t-SNE, K-means / DBSCAN scores and class-similarity heat maps")
+    p.add_argument("--embed", action="store_true", help="t-SNE, K-means / DBSCAN scores, the features' effective rank and class-similarity heat maps")
     p.add_argument("--gradcam", type=int, default=0, help="Grad-CAM overlays for N test images per class")
     p.add_argument("--cache-dir", default=data.default_cache_dir(), help="decode cache folder; '' decodes on the fly")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
@@ -235,6 +235,19 @@ def cluster_scores(features, labels, seed=0):
         out[name] = {"nmi": float(normalized_mutual_info_score(labels, pred)),
                      "ari": float(adjusted_rand_score(labels, pred)), "silhouette": sil}
     return out
+
+
+def effective_rank(features):
+    """Roy & Vetterli 2007: exp of the entropy of the normalised singular-value energies p_i = s_i^2 / sum s^2
+    of the standardised features. D for D equally used directions, 1 for one; a low value is dimensional
+    collapse (few directions carry the variance), which a linear probe on the features cannot undo."""
+    f = np.asarray(features, np.float64)
+    f = f - f.mean(0)
+    std = f.std(0)
+    f = f[:, std > 0] / std[std > 0]  # constant features carry nothing
+    e = np.linalg.svd(f, compute_uv=False) ** 2
+    p = e[e > 0] / e.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
 
 
 def grad_cam(model, layer, x, target):
@@ -446,6 +459,12 @@ def predict(model, loader, kind, device, amp):
     return out[:, 0] if kind == "binary" else out
 
 
+def source_id(path):
+    """Which weights a checkpoint file holds, cheaply: its path, size and modification time."""
+    st = os.stat(path)
+    return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def atomic_json(obj, path):
     tmp = f"{path}.tmp"
     Path(tmp).write_text(json.dumps(obj, indent=1))
@@ -485,6 +504,12 @@ def main(argv=None):
                                                         num_workers=args.workers)
     pick = lambda a, idx: None if a is None else a[idx]  # noqa: E731
     results = json.loads((out / "results.json").read_text()) if args.resume and (out / "results.json").exists() else []
+    # a cell is done only if it came from the same weights: a checkpoint re-trained under the same name is re-evaluated
+    source_of = {n: f"init:{w}" if src == "init" else source_id(w) for n, (src, w) in rows}
+    stale = [c for c in results if "source" in c and c["source"] != source_of.get(c["method"], c["source"])]
+    if stale:
+        print(f"--resume: {len(stale)} cell(s) of {sorted({c['method'] for c in stale})} came from other weights: re-evaluated")
+        results = [c for c in results if c not in stale]
     done = {(c["method"], c["mode"], c["fraction"], c["seed"]) for c in results}
     fraction_sets = {(f, s): data.label_fraction(labels[tr] if kind != "multilabel" else (labels[tr] > 0), f, s)
                      for f in args.fractions for s in args.seeds}
@@ -527,7 +552,7 @@ def main(argv=None):
                         s_va, s_te = predict(net, loader_of(va), kind, device, amp), predict(net, loader_of(te), kind, device, amp)
                     thr = choose_thresholds(kind, labels[va], s_va, pick(mask_all, va))
                     m = metrics(kind, labels[te], s_te, thr, pick(mask_all, te))
-                    m.update(method=name, mode=mode, fraction=f, seed=seed, n_train=int(len(sub)),
+                    m.update(method=name, source=source_of[name], mode=mode, fraction=f, seed=seed, n_train=int(len(sub)),
                              confusion=confusion(kind, labels[te], s_te, thr))
                     results.append(m)
                     atomic_json(results, out / "results.json")  # each finished cell is safe at once
@@ -638,8 +663,9 @@ def embed_figures(f, y, names, method, out, kind):
     fig.savefig(out / f"class-similarity-{method}.png", dpi=120)
     plt.close(fig)
     scores = cluster_scores(f, y)
+    scores["effective_rank"] = effective_rank(f)
     print(f"  {method}: K-means NMI {scores['kmeans']['nmi']:.3f} ARI {scores['kmeans']['ari']:.3f}; "
-          f"DBSCAN NMI {scores['dbscan']['nmi']:.3f}")
+          f"DBSCAN NMI {scores['dbscan']['nmi']:.3f}; effective rank {scores['effective_rank']:.1f} of {f.shape[1]}")
     return scores
 
 

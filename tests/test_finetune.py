@@ -1,6 +1,8 @@
 """finetune.py: metrics against scikit-learn, checkpoint loading from every pretraining script, frozen
 vs trained encoders, aggregation and tables, Grad-CAM, clustering, and the script end to end."""
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -64,6 +66,20 @@ def test_cluster_scores_on_known_clusters():
     f = centres[y] + rng.normal(0, 0.3, (120, 4))
     s = finetune.cluster_scores(f, y)
     assert s["kmeans"]["nmi"] > 0.95 and s["kmeans"]["ari"] > 0.95 and s["kmeans"]["silhouette"] > 0.5
+
+
+def test_effective_rank_hand_worked():
+    # Columns of a 4x4 Hadamard matrix without the constant one: zero mean, orthogonal, equal norm, so
+    # after standardising the three singular-value energies are equal, p = (1/3, 1/3, 1/3): rank 3.
+    h = np.array([[1, 1, 1], [-1, 1, -1], [1, -1, -1], [-1, -1, 1]], float)
+    assert finetune.effective_rank(h) == pytest.approx(3.0)
+    # Scaling a column or adding a constant column changes nothing (standardised; constants dropped).
+    assert finetune.effective_rank(np.c_[5 * h[:, :1], h[:, 1:], np.ones(4)]) == pytest.approx(3.0)
+    # Columns (a, a, b): energies 2n and n, p = (2/3, 1/3),
+    # exp(-(2/3 ln 2/3 + 1/3 ln 1/3)) = exp(0.27031 + 0.36620) = exp(0.63651) = 1.8899.
+    assert finetune.effective_rank(h[:, [0, 0, 1]]) == pytest.approx(1.8899, abs=1e-4)
+    # One direction only: rank 1, whatever the width.
+    assert finetune.effective_rank(np.outer(h[:, 0], [1, -2, 3, 0.5])) == pytest.approx(1.0)
 
 
 def test_grad_cam_shape_and_range():
@@ -157,6 +173,16 @@ def test_smoke_both_modes_figures_and_resume(checkpoints, tmp_path):
     assert run_script("finetune.py", *args, check=False).returncode != 0
     p = run_script("finetune.py", *args, "--resume")
     assert "seed 0:" not in p.stdout and len(json.loads((out / "results.json").read_text())) == 16
+    # other weights under the same name (another file, then the same file re-written): the barlow cells,
+    # and only those (2 modes x 2 fractions x 2 seeds), are evaluated again
+    other = tmp_path / "barlow-retrained.pt"
+    shutil.copyfile(checkpoints["barlow"], other)
+    args[args.index(f"barlow={checkpoints['barlow']}")] = f"barlow={other}"
+    for _ in range(2):
+        p = run_script("finetune.py", *args, "--resume")
+        assert "8 cell(s) of ['barlow'] came from other weights" in p.stdout
+        assert p.stdout.count("seed 0:") == 4 and len(json.loads((out / "results.json").read_text())) == 16
+        os.utime(other, ns=(other.stat().st_atime_ns, other.stat().st_mtime_ns + 10**9))  # as if re-trained
 
 
 def test_multilabel_chexpert_demo(tmp_path, demo):

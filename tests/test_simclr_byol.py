@@ -201,7 +201,7 @@ def test_demo_and_real_data_defaults(module, capsys):
     assert (demo.batch_size, demo.epochs, demo.arch, demo.size, demo.aug) == (32, 60, "resnet18", 64, "xray")
     assert (real.batch_size, real.epochs, real.arch, real.size) == (64, 100, "resnet50", 224)
     if module is byol:
-        assert (demo.tau_base, real.tau_base) == (0.99, 0.996)
+        assert (demo.tau_base, real.tau_base, demo.lr, real.lr) == (0.95, 0.996, 3e-4, 1e-3)
     # an explicit 0 is an error, not a request for the default
     for flag, msg in (("--batch-size", "--batch-size must be at least 2"), ("--epochs", "--epochs must be >= 1")):
         with pytest.raises(SystemExit):
