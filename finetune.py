@@ -506,10 +506,14 @@ def main(argv=None):
     results = json.loads((out / "results.json").read_text()) if args.resume and (out / "results.json").exists() else []
     # a cell is done only if it came from the same weights: a checkpoint re-trained under the same name is re-evaluated
     source_of = {n: f"init:{w}" if src == "init" else source_id(w) for n, (src, w) in rows}
-    stale = [c for c in results if "source" in c and c["source"] != source_of.get(c["method"], c["source"])]
+
+    def same_weights(c):  # cells written before sources were recorded carry none, and are kept; so are other rows'
+        return "source" not in c or c["method"] not in source_of or c["source"] == source_of[c["method"]]
+
+    stale = [c for c in results if not same_weights(c)]
     if stale:
         print(f"--resume: {len(stale)} cell(s) of {sorted({c['method'] for c in stale})} came from other weights: re-evaluated")
-        results = [c for c in results if c not in stale]
+        results = [c for c in results if same_weights(c)]
     done = {(c["method"], c["mode"], c["fraction"], c["seed"]) for c in results}
     fraction_sets = {(f, s): data.label_fraction(labels[tr] if kind != "multilabel" else (labels[tr] > 0), f, s)
                      for f in args.fractions for s in args.seeds}
