@@ -198,6 +198,33 @@ def is_dicom(path):
     return Path(path).suffix.lower() in (".dcm", ".dicom")
 
 
+def preset_for(paths, n=16):
+    """The augmentation preset that fits a folder of images: 'xray' when most of the first n readable
+    files are grayscale (DICOM, a one-channel file, or colour whose channels agree), else 'cytology-A'."""
+    from PIL import Image
+
+    gray = colour = 0
+    for p in paths:
+        if gray + colour >= n:
+            break
+        if is_dicom(p):
+            gray += 1
+            continue
+        try:
+            with Image.open(p) as im:
+                if im.mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
+                    gray += 1
+                    continue
+                a = np.asarray(im.convert("RGB").resize((32, 32)), np.int16)
+        except OSError:
+            continue  # unreadable files are the dataset's business
+        if np.abs(a - a.mean(2, keepdims=True)).max() <= 3:
+            gray += 1
+        else:
+            colour += 1
+    return "xray" if gray >= colour else "cytology-A"
+
+
 def load_image(path, channels=1):
     """Any supported image as float32 in [0, 1]: H x W (channels=1) or H x W x 3 (channels=3).
 
@@ -411,11 +438,17 @@ def csv_pairs(csv_path, image_col="path", report_col="report", root=None):
     rows = _read_csv(csv_path, (image_col, report_col))
     base = Path(root or Path(csv_path).parent)
     paths, reports = [], []
-    for r in rows:
+    for n, r in enumerate(rows, 2):  # row 1 is the header
         paths.append(str(base / r[image_col]))
-        rep = r[report_col]
-        rp = base / rep
-        reports.append(rp.read_text(errors="replace") if len(rep) < 4096 and rep.endswith(".txt") and rp.is_file() else rep)
+        rep = (r[report_col] or "").strip()
+        if not rep:
+            raise ValueError(f"{csv_path}, row {n}: the {report_col!r} cell is empty (no report for {r[image_col]})")
+        if rep.endswith(".txt") and "\n" not in rep:  # a file name, never a report that ends in '.txt'
+            rp = base / rep
+            if not rp.is_file():
+                raise ValueError(f"{csv_path}, row {n}: report file not found: {rp}")
+            rep = rp.read_text(errors="replace")
+        reports.append(rep)
     return paths, reports, list(paths)
 
 
@@ -1270,31 +1303,13 @@ def make_demo(out_dir, size=128, n_xray=240, n_rsna=600, n_cells=40, seed=0, qui
     out_dir/cytology/<herlev class>/<n>.png                            colour cell images
     """
     from PIL import Image
-    from pydicom.uid import generate_uid
 
     t0 = time.time()
     out = Path(out_dir)
     rng = np.random.default_rng(seed)  # the RSNA and cytology parts draw their own streams: resizing one changes no other
     mimic = out / "mimic"
-    chex_rows, meta_rows, n_rle, n_m1 = [], [], 0, 0
-    for i in range(n_xray):
-        subject, study = 10000000 + i // 2, 50000000 + i  # two studies per patient
-        f = _random_findings(rng)
-        sdir = mimic / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}"
-        sdir.mkdir(parents=True, exist_ok=True)
-        text, unc = demo_report(rng, f)
-        (sdir.parent / f"s{study}.txt").write_text(text)
-        dicom_id = hashlib.sha1(f"{seed}-{i}".encode()).hexdigest()[:16]
-        photometric = "MONOCHROME1" if rng.random() < 0.3 else "MONOCHROME2"
-        rle = bool(rng.random() < 0.3)
-        n_rle += rle
-        n_m1 += photometric == "MONOCHROME1"
-        write_dicom(sdir / f"{dicom_id}.dcm", chest_phantom(rng, size, f), rng, photometric,
-                    bits=int(rng.choice([12, 14, 16])), rle=rle, patient_id=f"p{subject}", study_uid=generate_uid())
-        chex_rows.append({"subject_id": subject, "study_id": study, **chexpert_row(f, unc)})
-        meta_rows.append({"dicom_id": dicom_id, "subject_id": subject, "study_id": study, "ViewPosition": "PA"})
-    _write_csv(mimic / "mimic-cxr-2.0.0-chexpert.csv", ["subject_id", "study_id"] + CHEXPERT_14, chex_rows)
-    _write_csv(mimic / "mimic-cxr-2.0.0-metadata.csv", ["dicom_id", "subject_id", "study_id", "ViewPosition"], meta_rows)
+    rows = [_write_study(mimic, i, rng, size, seed) for i in range(n_xray)]
+    n_m1, n_rle = _write_mimic_csvs(mimic, rows)
 
     rsna = out / "rsna"
     rng = np.random.default_rng([seed, 1])
@@ -1338,6 +1353,77 @@ def make_demo(out_dir, size=128, n_xray=240, n_rsna=600, n_cells=40, seed=0, qui
               f"({n_m1} MONOCHROME1, {n_rle} RLE), MIMIC-style reports, CheXpert label CSV")
         print(f"  rsna/     {n_rsna} DICOMs, {n_pos} with pneumonia, {len(box_rows)} label rows (one per box)")
         print(f"  cytology/ {n_cells * len(HERLEV_CLASSES)} colour PNGs in {len(HERLEV_CLASSES)} Herlev class folders")
+    return summary
+
+
+def _write_study(mimic, i, rng, size, seed):
+    """Study i of the MIMIC-style part (patient i // 2): its DICOM and report; its CSV rows."""
+    from pydicom.uid import generate_uid
+
+    subject, study = 10000000 + i // 2, 50000000 + i  # two studies per patient
+    f = _random_findings(rng)
+    sdir = mimic / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}"
+    sdir.mkdir(parents=True, exist_ok=True)
+    text, unc = demo_report(rng, f)
+    (sdir.parent / f"s{study}.txt").write_text(text)
+    dicom_id = hashlib.sha1(f"{seed}-{i}".encode()).hexdigest()[:16]
+    photometric = "MONOCHROME1" if rng.random() < 0.3 else "MONOCHROME2"
+    rle = bool(rng.random() < 0.3)
+    write_dicom(sdir / f"{dicom_id}.dcm", chest_phantom(rng, size, f), rng, photometric,
+                bits=int(rng.choice([12, 14, 16])), rle=rle, patient_id=f"p{subject}", study_uid=generate_uid())
+    return ({"subject_id": subject, "study_id": study, **chexpert_row(f, unc)},
+            {"dicom_id": dicom_id, "subject_id": subject, "study_id": study, "ViewPosition": "PA"}, photometric, rle)
+
+
+def _write_mimic_csvs(mimic, rows):
+    """The CheXpert label and metadata CSVs of the studies' rows; (MONOCHROME1 count, RLE count)."""
+    _write_csv(mimic / "mimic-cxr-2.0.0-chexpert.csv", ["subject_id", "study_id"] + CHEXPERT_14, [r[0] for r in rows])
+    _write_csv(mimic / "mimic-cxr-2.0.0-metadata.csv", ["dicom_id", "subject_id", "study_id", "ViewPosition"],
+               [r[1] for r in rows])
+    return sum(r[2] == "MONOCHROME1" for r in rows), sum(r[3] for r in rows)
+
+
+def _write_study_own_stream(args):
+    mimic, i, size, seed = args
+    return _write_study(mimic, i, np.random.default_rng([seed, 3, i]), size, seed)
+
+
+def make_pairs_demo(out_dir, studies, size=256, seed=0, workers=None, val_fraction=0.2, quiet=False):
+    """A larger MIMIC-style image-report set for GPU work (the built-in demo's 240 studies are too few
+    for a ResNet-50): `studies` studies, two per patient, each on its own random stream, so any number
+    of processes writes the same files. Beside the MIMIC layout it writes mimic-cxr-2.0.0-split.csv
+    (a patient-level train / validate split) and validate-chexpert.csv (the validate studies' labels,
+    for convirt.py --eval-labels). Returns a summary dict."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    t0 = time.time()
+    mimic = Path(out_dir) / "mimic"
+    mimic.mkdir(parents=True, exist_ok=True)
+    jobs = [(mimic, i, size, seed) for i in range(studies)]
+    workers = workers or os.cpu_count() or 1
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            rows = list(pool.map(_write_study_own_stream, jobs, chunksize=16))
+    else:
+        rows = [_write_study_own_stream(j) for j in jobs]
+    n_m1, n_rle = _write_mimic_csvs(mimic, rows)
+    subjects = sorted({r[0]["subject_id"] for r in rows})
+    _, val = patient_split(subjects, (1 - val_fraction, val_fraction), seed=seed)
+    val = {subjects[i] for i in val}
+    _write_csv(mimic / "mimic-cxr-2.0.0-split.csv", ["dicom_id", "study_id", "subject_id", "split"],
+               [{**{k: r[1][k] for k in ("dicom_id", "study_id", "subject_id")},
+                 "split": "validate" if r[1]["subject_id"] in val else "train"} for r in rows])
+    _write_csv(mimic / "validate-chexpert.csv", ["subject_id", "study_id"] + CHEXPERT_14,
+               [r[0] for r in rows if r[0]["subject_id"] in val])
+    summary = {"version": DEMO_VERSION, "size": size, "seed": seed, "seconds": round(time.time() - t0, 1),
+               "mimic": {"studies": studies, "patients": len(subjects), "validate_patients": len(val),
+                         "monochrome1": n_m1, "rle": n_rle, "path": str(mimic)}}
+    (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+    if not quiet:
+        print(f"{studies} image-report studies of {len(subjects)} patients ({len(val)} in the validate split), "
+              f"DICOM {size}x{size}, written to {mimic} in {summary['seconds']} s by {workers} process(es)")
+        print(f"  pretrain: python convirt.py --data {mimic} --split-csv {mimic / 'mimic-cxr-2.0.0-split.csv'} "
+              f"--eval-labels {mimic / 'validate-chexpert.csv'} --eval-root {mimic}")
     return summary
 
 
@@ -1441,13 +1527,19 @@ def main(argv=None):
     d.add_argument("out", help="output folder")
     d.add_argument("--size", type=int, default=128, help="image side in pixels")
     d.add_argument("--seed", type=int, default=0, help="random seed (the data set is deterministic given it)")
+    d.add_argument("--studies", type=int, default=0,
+                   help="instead of the built-in demo, this many MIMIC-style image-report studies (for GPU work; "
+                        "e.g. 4096 at --size 256), with a train/validate split CSV")
+    d.add_argument("--workers", type=int, default=0, help="with --studies: processes (0: all cores)")
     b = sub.add_parser("bench-cache", help="images/s: decoding DICOM directly vs from the decode cache")
     b.add_argument("--n", type=int, default=40, help="number of DICOMs written for the benchmark")
     b.add_argument("--size", type=int, default=224, help="target size")
     b.add_argument("--source-size", type=int, default=2048, help="side of the DICOMs (MIMIC-CXR's are ~2500-3000)")
     b.add_argument("--workers", type=int, default=0, help="processes that build the cache")
     a = p.parse_args(argv)
-    if a.cmd == "demo":
+    if a.cmd == "demo" and a.studies:
+        make_pairs_demo(a.out, a.studies, size=a.size, seed=a.seed, workers=a.workers or None)
+    elif a.cmd == "demo":
         make_demo(a.out, size=a.size, seed=a.seed)
     else:
         print(json.dumps(bench_cache(a.n, a.size, a.source_size, a.workers)))

@@ -547,3 +547,48 @@ def test_demo_command_line(tmp_path):
     out = run_script("data.py", "demo", tmp_path / "d", "--size", "32").stdout
     assert "demo data written" in out and "cytology/" in out
     assert (tmp_path / "d" / "summary.json").is_file()
+
+
+def test_csv_pairs_report_cells(tmp_path):
+    (tmp_path / "r1.txt").write_text("FINDINGS: Small left effusion.")
+    p = tmp_path / "pairs.csv"
+    p.write_text("path,report\na.dcm,r1.txt\nb.dcm,The lungs are clear.\n")
+    paths, reports, _ = data.csv_pairs(p)
+    assert reports == ["FINDINGS: Small left effusion.", "The lungs are clear."]
+    # a .txt cell whose file is missing used to become the report text itself: the model trained on file names
+    p.write_text("path,report\na.dcm,r1.txt\nb.dcm,reports/r2.txt\n")
+    with pytest.raises(ValueError, match=r"pairs.csv, row 3: report file not found: .*reports/r2.txt"):
+        data.csv_pairs(p)
+    p.write_text("path,report\na.dcm,r1.txt\nb.dcm,  \n")
+    with pytest.raises(ValueError, match=r"pairs.csv, row 3: the 'report' cell is empty \(no report for b.dcm\)"):
+        data.csv_pairs(p)
+
+
+def test_pairs_demo_any_number_of_processes(tmp_path):
+    # each study on its own random stream: one process or two write the same images and reports
+    one, two = tmp_path / "one", tmp_path / "two"
+    s = data.make_pairs_demo(one, 12, size=32, workers=1, quiet=True)
+    data.make_pairs_demo(two, 12, size=32, workers=2, quiet=True)
+    pa, pb = sorted(one.rglob("*.dcm")), sorted(two.rglob("*.dcm"))
+    assert len(pa) == 12 and [p.relative_to(one) for p in pa] == [p.relative_to(two) for p in pb]
+    assert all(np.array_equal(data.load_dicom(x), data.load_dicom(y)) for x, y in zip(pa, pb))
+    assert [p.read_text() for p in sorted(one.rglob("*.txt"))] == [p.read_text() for p in sorted(two.rglob("*.txt"))]
+    mimic = one / "mimic"
+    train, _, train_patients = data.mimic_cxr_pairs(mimic, None, mimic / "mimic-cxr-2.0.0-split.csv", "train")
+    val, _, val_patients = data.mimic_cxr_pairs(mimic, None, mimic / "mimic-cxr-2.0.0-split.csv", "validate")
+    assert len(train) + len(val) == 12 and val and not set(train_patients) & set(val_patients)
+    eval_paths, _, _ = data.read_chexpert_labels(mimic / "validate-chexpert.csv", "zeros", image_root=mimic)
+    assert sorted(eval_paths) == sorted(val)
+    assert s["mimic"]["studies"] == 12 and s["mimic"]["patients"] == 6
+
+
+def test_preset_for_follows_the_images(tmp_path, demo):
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 255, (40, 40), dtype=np.uint8)
+    for name, arr in [("g.png", grey), ("grey-as-rgb.jpg", np.stack([grey] * 3, 2)),
+                      ("c.png", rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))]:
+        Image.fromarray(arr).save(tmp_path / name)
+    assert data.preset_for([str(tmp_path / "g.png"), str(tmp_path / "grey-as-rgb.jpg")]) == "xray"
+    assert data.preset_for(data.demo_images("xray")[:4]) == "xray"  # DICOM
+    assert data.preset_for([str(tmp_path / "c.png")]) == "cytology-A"
+    assert data.preset_for(data.demo_images("cytology")[:4]) == "cytology-A"
