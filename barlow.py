@@ -50,7 +50,7 @@ def get_args(argv=None):
     p.add_argument("--data", default=None, help="folder of images/DICOMs or a CSV of paths; none: the demo data")
     p.add_argument("--image-col", default="path", help="CSV column with the image path")
     p.add_argument("--demo", default="cytology", choices=["cytology", "xray"], help="which demo images, without --data")
-    p.add_argument("--aug", default=None, choices=data.PRESETS, help="augmentation preset (default cytology-A; xray for --demo xray)")
+    p.add_argument("--aug", default=None, choices=data.PRESETS, help="augmentation preset (default: from the images with --data, grayscale or DICOM: xray, colour: cytology-A; demo: xray, or cytology-A for --demo cytology)")
     p.add_argument("--clahe", action="store_true", help="CLAHE before the xray preset (needs scikit-image)")
     p.add_argument("--channels", type=int, default=None, choices=[1, 3],
                    help="image channels read (default 3 for cytology presets, else 1)")
@@ -71,7 +71,9 @@ def get_args(argv=None):
     p.add_argument("--epochs", type=int, default=None, help="passes over the data (default 100; 20 on the demo)")
     p.add_argument("--batch-size", type=int, default=64, help="global batch, split over torchrun processes")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (AdamW, or LARS: the paper's 1.5e-6)")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "lars"],
+                   help="AdamW, or LARS for large batches (Barlow Twins: LARS, lr 0.2 (biases and BatchNorm 0.0048), weight decay 1.5e-6, batch 2048; one lr for every parameter here)")
     p.add_argument("--warmup", type=float, default=0.05, help="warm-up, as a fraction of all steps")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit; for smoke tests)")
     # running
@@ -87,13 +89,25 @@ def get_args(argv=None):
                    help="labelled set for the kNN monitor: class folders or a CSV (path,label); 'demo' on the demo data")
     p.add_argument("--knn-k", type=int, default=10, help="neighbours in the kNN monitor")
     args = p.parse_args(argv)
+    if args.resume:  # continue the run as it was started: its args.json, then the flags given again on top
+        saved = Path(args.out or "") / "args.json"
+        if not args.out or not saved.is_file():
+            p.error(f"--resume needs --out, a run folder with its args.json ({saved} not found)")
+        for a in p._actions:  # parse again with no defaults: only the flags given now remain
+            a.default = argparse.SUPPRESS
+        given = vars(p.parse_args(argv))
+        first = {k: v for k, v in json.loads(saved.read_text()).items() if k not in ("max_steps", "overrides")}
+        args = argparse.Namespace(**{**vars(args), **first, **given})
+        args.overrides = {k: v for k, v in given.items() if k not in ("resume", "out") and first.get(k) != v}
     demo = args.data is None
     args.arch = args.arch or ("resnet18" if demo else "resnet50")
     args.size = args.size if args.size is not None else (64 if demo else 224)
     args.epochs = args.epochs if args.epochs is not None else (20 if demo else 100)
     args.projector = args.projector or ("1024-1024-1024" if demo else "8192-8192-8192")
-    args.aug = args.aug or ("xray" if demo and args.demo == "xray" else "cytology-A")
-    args.channels = args.channels or (3 if args.aug.startswith("cytology") else 1)
+    if demo:  # with --data and no --aug, main() picks the preset from the images
+        args.aug = args.aug or ("xray" if args.demo == "xray" else "cytology-A")
+    if args.aug:
+        args.channels = args.channels or (3 if args.aug.startswith("cytology") else 1)
     args.eval_data = args.eval_data or ("demo" if demo else None)
     try:
         widths = [int(w) for w in args.projector.split("-")]
@@ -148,6 +162,30 @@ class BarlowTwins(nn.Module):
         if self.attention is None:
             return p1, p2, None, None
         return p1, p2, self.attention(p1).float(), self.attention(p2).float()
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratio (You et al. 2017), as the paper uses at large batch.
+
+    Biases and BatchNorm parameters (1-D) get neither weight decay nor the trust ratio, as in the paper."""
+
+    def __init__(self, params, lr, weight_decay=1e-6, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    d = d.add(p, alpha=g["weight_decay"])
+                    w, u = torch.norm(p), torch.norm(d)
+                    d = d.mul(torch.where((w > 0) & (u > 0), g["eta"] * w / u, torch.ones_like(w)))
+                buf = self.state[p].setdefault("mu", torch.zeros_like(p))
+                buf.mul_(g["momentum"]).add_(d)
+                p.add_(buf, alpha=-g["lr"])
 
 
 # ---------------------------------------------------------------------------------------------- losses
@@ -235,9 +273,20 @@ def gather(x, world):
     return torch.cat(dist_nn.all_gather(x), 0) if world > 1 else x
 
 
+def to_cpu(obj):
+    """The same nesting of dicts and lists with every tensor on the CPU."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def atomic_save(obj, path):
     tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
+    torch.save(to_cpu(obj), tmp)  # CPU tensors: a GPU run's checkpoint loads on any machine
     os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
 
 
@@ -278,6 +327,12 @@ def main(argv=None):
     paths = data.demo_images(args.demo) if args.data is None else data.unlabelled_images(args.data, args.image_col)
     if len(paths) < args.batch_size:
         raise SystemExit(f"only {len(paths)} images, fewer than --batch-size {args.batch_size}")
+    if args.aug is None:
+        args.aug = data.preset_for(paths)
+        args.channels = args.channels or (3 if args.aug.startswith("cytology") else 1)
+        if master:
+            print(f"--aug {args.aug}: chosen from the images (grayscale or DICOM: xray; colour: cytology-A); "
+                  "pass --aug to choose another")
     cache = args.cache_dir or None
     if world > 1 and not master:
         dist.barrier()  # rank 0 builds the decode cache first; the others then only read it
@@ -286,6 +341,9 @@ def main(argv=None):
                                 skip_bad=args.skip_bad, workers=args.workers, progress=master)
     if world > 1 and master:
         dist.barrier()
+    if len(dataset) < args.batch_size:  # --skip-bad can leave fewer readable images than one batch
+        raise SystemExit(f"only {len(dataset)} readable images of {len(paths)} ({len(dataset.skipped)} unreadable, "
+                         f"skipped), fewer than --batch-size {args.batch_size}")
 
     widths = [int(w) for w in args.projector.split("-")]
     model = BarlowTwins(args.arch, args.weights, widths, args.attn_hidden if args.loss == "agbt" else None).to(device)
@@ -293,7 +351,10 @@ def main(argv=None):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if args.optimizer == "lars":
+        optimizer = LARS(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = len(dataset) // args.batch_size
     total = args.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, max(1, int(args.warmup * total))))
@@ -311,8 +372,10 @@ def main(argv=None):
 
     sampler = torch.utils.data.distributed.DistributedSampler(dataset, world, rank, shuffle=True, seed=args.seed,
                                                               drop_last=True)
+    # workers start anew each epoch, seeded from that epoch's torch.manual_seed, so a resumed run draws
+    # the augmentations an uninterrupted one would (persistent workers keep their first-epoch streams)
     loader = torch.utils.data.DataLoader(dataset, batch_size=local_bs, sampler=sampler, num_workers=args.workers,
-                                         pin_memory=cuda, drop_last=True, persistent_workers=args.workers > 0)
+                                         pin_memory=cuda, drop_last=True, persistent_workers=False)
     knn = None
     if args.eval_data and args.knn_every and master:
         ep, ey, eids = labelled_eval_set(args.eval_data, args.demo)
@@ -324,7 +387,12 @@ def main(argv=None):
 
     if master:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=1))
+        if args.resume:  # the first args.json stays; each resume is recorded beside it
+            with open(out / "resumes.jsonl", "a") as f:
+                f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "overrides": args.overrides}) + "\n")
+            print(f"resuming {out} as it was started" + (f", with overrides {args.overrides}" if args.overrides else ""))
+        else:
+            (out / "args.json").write_text(json.dumps(vars(args), indent=1))
         print(f"{args.loss}: {len(dataset)} images, {args.arch}, projector {args.projector}, aug {args.aug}, "
               f"{world} process(es) on {device}, run folder {out}")
     log = open(out / "log.jsonl", "a") if master else None

@@ -56,7 +56,7 @@ def get_args(argv=None):
     p.add_argument("--head", default="sklearn", choices=["sklearn", "torch"], help="linear probe: logistic regression or a torch layer")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0], help="label fractions of the train split")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; each cell is mean +- std over them")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels (use 224 for real data)")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels (default 224 with --data; 64 on the demo data)")
     p.add_argument("--channels", type=int, default=None, choices=[1, 3], help="channels read (default 3 for cytology, else 1)")
     p.add_argument("--batch-size", type=int, default=32, help="fine-tuning batch")
     p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (early stopping on val AUC)")
@@ -72,6 +72,7 @@ def get_args(argv=None):
     p.add_argument("--out", default=None, help="output folder (default runs/finetune-TIME)")
     p.add_argument("--resume", action="store_true", help="skip the cells already in --out/results.json")
     args = p.parse_args(argv)
+    args.size = args.size if args.size is not None else (224 if args.data else 64)
     if not args.ckpt and not args.init:
         p.error("give at least one --ckpt or --init row")
     if any(not 0 < f <= 1 for f in args.fractions):
@@ -332,10 +333,18 @@ def load_task(args):
     return paths, labels, None, names, ids, ("binary" if len(names) == 2 else "multiclass")
 
 
+def to_device(x, device):
+    """A batch of images on the device; channels_last on CUDA, the layout the encoders run fastest in."""
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
 def extract(encoder, loader, device, amp):
     encoder.eval()
+    if device.type == "cuda":
+        encoder = encoder.to(memory_format=torch.channels_last)
     with torch.no_grad(), amp:
-        return torch.cat([encoder(x.to(device)).float().cpu() for x, _ in loader]).numpy()
+        return torch.cat([encoder(to_device(x, device)).float().cpu() for x, _ in loader]).numpy()
 
 
 def fit_linear(kind, ftr, ytr, mtr, fva, yva, mva, seed, head):
@@ -425,7 +434,7 @@ def finetune(encoder, dim, kind, n_out, train_ds, val_loader, yva, mva, args, de
     for epoch in range(args.epochs):
         model.train()
         for x, (y, m) in loader:
-            x, y, m = x.to(device), y.to(device), m.to(device)
+            x, y, m = to_device(x, device), y.to(device), m.to(device)
             with amp:
                 out = model(x).float()
             if kind == "multiclass":
@@ -452,7 +461,7 @@ def finetune(encoder, dim, kind, n_out, train_ds, val_loader, yva, mva, args, de
 def predict(model, loader, kind, device, amp):
     model.eval()
     with torch.no_grad(), amp:
-        out = torch.cat([model(x.to(device)).float().cpu() for x, _ in loader])
+        out = torch.cat([model(to_device(x, device)).float().cpu() for x, _ in loader])
     if kind == "multiclass":
         return out.softmax(1).numpy()
     out = out.sigmoid().numpy()
@@ -632,7 +641,13 @@ def figures(results, curves, y, mask, names, kind, fractions, out):
             a.imshow(mat, cmap="Blues")
             for (r, q), v in np.ndenumerate(np.asarray(mat)):
                 a.text(q, r, str(v), ha="center", va="center", fontsize=7)
-            a.set(title=names[i] if kind == "multilabel" else c["method"], xlabel="predicted", ylabel="true")
+            ticks = ["no", "yes"] if kind == "multilabel" else list(names)
+            a.set_xticks(range(len(ticks)), ticks, rotation=45, ha="right", fontsize=7)
+            a.set_yticks(range(len(ticks)), ticks, fontsize=7)
+            what = f"{names[i]}: " if kind == "multilabel" else ""
+            a.set(title=f"{what}{c['method']} ({c['mode']}), {c['fraction']:.0%} of the labels", xlabel="predicted",
+                  ylabel="true")
+            a.title.set_fontsize(8)
         fig.tight_layout()
         fig.savefig(out / f"confusion-{c['method']}-{c['mode']}-seed{c['seed']}.png", dpi=100)
         plt.close(fig)

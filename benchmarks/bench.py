@@ -16,7 +16,6 @@ use CUDA events after a synchronise. Results: a markdown table on stdout and JSO
 import argparse
 import contextlib
 import json
-import math
 import os
 import resource
 import statistics
@@ -55,7 +54,7 @@ def get_args(argv=None):
     p.add_argument("--losses-only", action="store_true", help="only the loss timings")
     p.add_argument("--loss-sizes", type=int, nargs="+", default=[256, 1024, 4096], help="batch sizes for the loss timings")
     p.add_argument("--loader", action="store_true", help="also time the data pipeline (decode + augmentation)")
-    p.add_argument("--loader-images", type=int, default=128, help="demo images the loader benchmark reads")
+    p.add_argument("--loader-images", type=int, default=512, help="images the loader benchmark reads an epoch (the demo's, repeated)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers for the loader benchmark")
     p.add_argument("--out", default="benchmarks/results.json", help="JSON results")
     return p.parse_args(argv)
@@ -112,7 +111,7 @@ def build(name, args, device):
         tok = convirt.wrap_tokenizer(tok_json)
         t = tok(["There is consolidation in the right lower lobe."] * b, padding="max_length", max_length=32, return_tensors="pt")
         ids, mask = t["input_ids"].to(device), t["attention_mask"].to(device)
-        model = convirt.ConVIRT(args.arch, "none", text, 512, "max", 10.0, -math.log(b - 1)).to(device, memory_format=cl)
+        model = convirt.ConVIRT(args.arch, "none", text, 512, "max", 10.0, convirt.prior_logit(b, b - 1)).to(device, memory_format=cl)
         if args.compile:
             model.image_encoder.compile()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -206,7 +205,8 @@ def bench_loader(args):
     """Images/s that each script's data pipeline delivers: decode + augmentation, DICOM vs the cache."""
     import tempfile
 
-    paths = data.demo_images("xray")[:args.loader_images]
+    demo = data.demo_images("xray")
+    paths = [demo[i % len(demo)] for i in range(args.loader_images)]  # repeated, for as many as asked
     out = []
     pipelines = {"convirt": convirt.convirt_transform(args.size, False),
                  "ssl-xray": data.TwoViews(data.ssl_transform("xray", args.size, 1))}
@@ -215,9 +215,11 @@ def bench_loader(args):
         for pname, tf in pipelines.items():
             ds = data.ImageDataset(paths, None, tf, size=args.size, channels=1, cache_dir=root)
             for w in args.workers:
-                loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=w)
-                for _ in loader:  # warm-up pass: workers start, files enter the page cache
-                    break
+                # steady state, as in training: persistent workers, a whole warm-up epoch (workers start,
+                # files enter the page cache), then a timed epoch
+                loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=w, persistent_workers=w > 0)
+                for _ in loader:
+                    pass
                 t = time.perf_counter()
                 n = sum(len(x[0]) if isinstance(x, (list, tuple)) and not torch.is_tensor(x) else len(x) for x, _ in loader)
                 out.append({"pipeline": pname, "source": "cache" if cache else "DICOM", "workers": w,

@@ -45,12 +45,12 @@ def logged_losses(run_dir):
     return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "loss" in r]
 
 
-def check_exact_resume(script, args, tmp_path, steps_per_epoch, rel=1e-5):
+def check_exact_resume(script, args, tmp_path, steps_per_epoch, rel=1e-5, bare=False):
     """A 2-epoch run cut after epoch 0 and resumed logs the same losses, step for step, as one
-    uninterrupted run."""
+    uninterrupted run. bare: resumed with `--resume --out DIR` alone, as a user would."""
     run_script(script, *args, "--out", tmp_path / "full")
     run_script(script, *args, "--out", tmp_path / "cut", "--max-steps", str(steps_per_epoch))
-    run_script(script, *args, "--out", tmp_path / "cut", "--resume")
+    run_script(script, *([] if bare else args), "--out", tmp_path / "cut", "--resume")
     full, cut = logged_losses(tmp_path / "full"), logged_losses(tmp_path / "cut")
     assert len(full) == 2 * steps_per_epoch and [s for s, _ in cut] == [s for s, _ in full]
     for (_, a), (_, b) in zip(full, cut):

@@ -180,7 +180,7 @@ def test_smoke_both_modes_figures_and_resume(checkpoints, tmp_path):
     ntrain = {(c["fraction"]): c["n_train"] for c in res}
     assert ntrain[0.1] < ntrain[1.0] and ntrain[0.1] >= 7  # at least one per class of 7
     for f in ("results.md", "results.csv", "roc.png", "auc_vs_fraction.png", "tsne-barlow.png", "gradcam-barlow-linear.png",
-              "class-similarity-random.png", "embed-barlow.json"):
+              "class-similarity-random.png", "embed-barlow.json", "confusion-barlow-linear-seed0.png"):
         assert (out / f).is_file(), f
     md = (out / "results.md").read_text()
     assert "±" in md and "### linear" in md and "### finetune" in md
@@ -222,3 +222,10 @@ def test_clear_errors(tmp_path, demo):
         shutil.copy(src, one / "only" / f"{i}.png")
     p = run_script("finetune.py", "--task", "folder", "--data", one, "--init", "random", "--out", tmp_path / "r2", check=False)
     assert p.returncode != 0 and "needs at least two class folders, found ['only']" in p.stderr
+
+
+def test_size_defaults_to_224_with_real_data():
+    # pretraining switches to 224 px with --data; the evaluation used to stay at the demo's 64
+    assert finetune.get_args(["--init", "random"]).size == 64
+    assert finetune.get_args(["--init", "random", "--data", "/data/rsna"]).size == 224
+    assert finetune.get_args(["--init", "random", "--data", "/data/rsna", "--size", "96"]).size == 96

@@ -221,3 +221,75 @@ def test_clear_errors(tmp_path):
     (bad / "b.png").write_bytes(b"nor this")
     p = run_script("simclr.py", "--data", bad, "--batch-size", "2", "--out", tmp_path / "r", check=False)
     assert p.returncode != 0 and "a.png: not an image file" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("script", ["simclr.py", "byol.py", "barlow.py"])
+def test_skip_bad_counts_only_readable_images(script, tmp_path, demo):
+    # 3 readable images and 2 unreadable ones with --batch-size 4: the epoch would have no step, and the
+    # run used to end in "UnboundLocalError: 'loss'"; it now says how many readable images are left
+    import shutil
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, p in enumerate(data.demo_images("xray")[:3]):
+        shutil.copy(p, folder / f"good{i}.dcm")
+    (folder / "a.png").write_bytes(b"not a png")
+    (folder / "b.png").write_bytes(b"nor this")
+    p = run_script(script, "--data", folder, "--skip-bad", "--batch-size", "4", "--size", "32", "--workers", "0",
+                   "--cache-dir", tmp_path / "cache", "--out", tmp_path / "r", check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+    assert "--aug xray: chosen from the images" in p.stdout  # DICOMs, no --aug: not the colour preset
+    assert "only 3 readable images of 5 (2 unreadable, skipped), fewer than --batch-size 4" in p.stderr
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+def test_bare_resume_continues_the_run_as_started_with_workers(tmp_path, demo):
+    # `--resume --out DIR` alone: the run's own flags (not the demo defaults), the first args.json
+    # kept, and with 2 DataLoader workers the same losses step for step (workers seeded per epoch)
+    args = ["--size", "32", "--batch-size", "16", "--workers", "2", "--log-every", "1", "--proj-hidden", "64",
+            "--epochs", "2", "--knn-every", "0", "--deterministic"]
+    check_exact_resume("simclr.py", args, tmp_path, 15, bare=True)
+    cut = tmp_path / "cut"
+    first = json.loads((cut / "args.json").read_text())
+    assert (first["batch_size"], first["epochs"], first["max_steps"], first["resume"]) == (16, 2, 15, False)
+    record = [json.loads(x) for x in (cut / "resumes.jsonl").read_text().splitlines()]
+    assert len(record) == 1 and record[0]["overrides"] == {}
+    # a flag given again overrides the saved one and is said
+    p = run_script("simclr.py", "--resume", "--out", cut, "--epochs", "3", "--max-steps", "31")
+    assert "with overrides {'epochs': 3, 'max_steps': 31}" in p.stdout
+    assert json.loads((cut / "args.json").read_text()) == first
+    assert [json.loads(x)["overrides"] for x in (cut / "resumes.jsonl").read_text().splitlines()][-1] == {"epochs": 3,
+                                                                                                  "max_steps": 31}
+    # --resume without a run folder is a clear error
+    p = run_script("simclr.py", "--resume", "--out", tmp_path / "nothing", check=False)
+    assert p.returncode == 2 and "--resume needs --out, a run folder with its args.json" in p.stderr
+
+
+def test_lars_in_byol_and_barlow_steps_as_simclrs():
+    # the three scripts each carry LARS (one file a method): the copies must step alike, weight decay and
+    # trust ratio on matrices only, plain momentum SGD on 1-D parameters (biases, BatchNorm)
+    import barlow
+
+    def run(cls):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+        opt = cls(net.parameters(), lr=0.1, weight_decay=1e-2)
+        for _ in range(3):
+            opt.zero_grad()
+            net(torch.randn(8, 4)).square().mean().backward()
+            opt.step()
+        return [p.detach().clone() for p in net.parameters()]
+
+    ref = run(simclr.LARS)
+    for cls in (byol.LARS, barlow.LARS):
+        assert all(torch.equal(a, b) for a, b in zip(ref, run(cls)))
+
+
+@pytest.mark.parametrize("script,extra", [("byol.py", ["--proj-hidden", "32"]), ("barlow.py", ["--projector", "32-32"])])
+def test_byol_and_barlow_with_lars(script, extra, tmp_path, demo):
+    out = tmp_path / "lars"
+    run_script(script, *SMALL, *extra, "--optimizer", "lars", "--lr", "0.1", "--epochs", "1", "--max-steps", "2",
+               "--knn-every", "0", "--out", out)
+    steps = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
+    assert json.loads((out / "args.json").read_text())["optimizer"] == "lars"
