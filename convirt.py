@@ -12,31 +12,41 @@ pulled together and the other pairs of the batch pushed apart.
         --text-model emilyalsentzer/Bio_ClinicalBERT --freeze-text-layers 6 --weights imagenet
     torchrun --nproc_per_node=8 convirt.py --loss sigmoid --data /data/mimic-cxr-jpg ...
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 convirt.py ...
+    python data.py demo /tmp/pairs --studies 4096 --size 256   # a larger phantom pair set for GPU work; it
+                                                               # prints the convirt.py command that uses it
 
 Text pooling: max over the token outputs (padding masked), as ConVIRT does (`--text-pool`).
 
-Sigmoid loss collapse. With N pairs in a batch the sigmoid loss sees N positives and N(N-1)
-negatives. At small N and a weak prior (t = 1, b = 0: "a trainable temperature"), the negatives
-win: both encoders map every input to one point (images to one, texts to its antipode), every pair
-is scored alike, the diagonal of the image-text cosine matrix disappears and the loss sits at the
-base-rate value L_c(N) = log N + (N-1) log(N/(N-1)), reached at t*s + b = -log(N-1).
-We call a batch collapsed when the embeddings' per-dimension standard deviation across the batch,
-times sqrt(D) (about 1 for directions spread like random ones, 0 for a single point), falls
-below 0.1 for images or texts. Logged every step: `gap` (mean diagonal minus mean off-diagonal
-cosine) and `spread` (that normalised standard deviation, the smaller of the two towers).
+Sigmoid loss collapse (derived here, measured in the README). SigLIP's loss for one image row is
+    l_i = w * softplus(-a_ii) + sum_{j != i} softplus(a_ij),   a_ij = t u_i.v_j + b,
+with N pairs in the batch and w the weight of the positive (SigLIP: w = 1). If both towers map
+every input to one point, every logit takes one value a and l = w softplus(-a) + (N-1) softplus(a):
+convex in a, least at sigmoid(a) = w / (w + N - 1), i.e. the prior logit a* = log(w / (N-1)), where
+    L_c(N, w) = w log((w + N - 1) / w) + (N - 1) log((w + N - 1) / (N - 1))
+(w = 1: log N + (N-1) log(N/(N-1)), 4.45 at N = 32; w = N-1: 2 (N-1) log 2, 42.97 at N = 32).
+That is the collapse value, logged as `collapse_loss` in the units of `loss`. A run is collapsed
+when it sits there: the embeddings' per-dimension standard deviation across the batch, times
+sqrt(D) (`spread`: about 1 for directions spread like random ones, 0 for a single point), below
+0.1, and the diagonal gap (`gap`: mean diagonal minus mean off-diagonal cosine) near 0.
+
+Why runs fall into it. Collapse is a cheap way down whenever the loss starts above L_c: moving
+every embedding the same way shifts all N^2 logits at once, and the towers do that far faster
+than the single scalar b can (one Adam step moves b by lr, the towers' thousands of weights each by
+lr). SigLIP's b = -10 is the prior logit -log(N-1) of its batch of 32k; at N = 32 it starts the
+loss at ~10 against L_c = 4.45, a descent of 5.5 that collapse alone delivers. The old heuristic
+here (b = -log(N-1) with positives weighted N-1) was worse: under that weighting the prior logit
+is 0, not -log(N-1), so the loss started at ~108 against L_c = 43, and every run we measured slid
+down to 43 and stayed. A second cheap way to one point: a bias in the projection's last layer gets
+the same Adam step per coordinate as every weight and moves every embedding along one vector.
 
 The heuristic (on by default with --loss sigmoid; --no-heuristic gives plain SigLIP):
-  1. bias initialised at the prior log-odds b = -log(N-1), so the negatives start out satisfied;
-  2. positives weighted by N-1, so the N positives and the N(N-1) negatives weigh the same;
-  3. a floor t >= 2 log(N-1) under the temperature (t_floor), so a cosine swing of 1 can move a
-     logit from the base rate to (N-1):1 odds for the positive.
-Measured on the demo data at N = 32, 32-pixel images, starting from the course project's
-"trainable temperature" t = 1, b = 0 (tests/test_convirt.py::test_sigmoid_collapse_and_heuristic):
-plain SigLIP collapses within 12 steps (spread 0.30 -> 0.05 -> 0.025); with parts 1 and 2 only it
-collapses just the same (spread 0.024 after 36 steps: the bias and the weights do not stop it); with
-the floor added it does not (spread 0.16-0.24 after 36 steps). So part 3 carries the effect; parts
-1 and 2 are kept because they make the loss start at its base rate and balance the two kinds of
-pair, not because a measurement has shown them necessary.
+  1. positives weighted w = N-1, so the N positives and the N(N-1) negatives weigh the same;
+  2. b initialised at the prior logit of that weighted loss, log(w / (N-1)) = 0, so the loss
+     starts at L_c and collapse offers no descent: the only way down is to tell pairs apart;
+  3. a floor t >= 2 log(N-1) under the temperature (t_floor): with b = -t/2, a cosine swing of 1
+     then carries a positive to odds (N-1):1 and a negative to 1:(N-1);
+  4. (all losses) no bias in the projections' last layer (CLIP's projections have none), and t',
+     b without weight decay and t <= 100, as in open_clip.
 """
 import argparse
 import contextlib
@@ -93,9 +103,9 @@ def get_args(argv=None):
     p.add_argument("--b-init", type=float, default=-10.0, help="sigmoid: initial bias (SigLIP: -10); the heuristic replaces it")
     p.add_argument("--no-heuristic", action="store_true", help="sigmoid: plain SigLIP, without the anti-collapse heuristic")
     # optimisation
-    p.add_argument("--epochs", type=int, default=None, help="passes over the data (default 50; 30 on the demo data)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the data (default 50; 150 on the demo data)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch, split over torchrun processes (default 64; 32 on the demo data)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate of the image tower, heads, t and b (default 3e-4; 1e-3 on the demo data with --loss sigmoid)")
+    p.add_argument("--lr", type=float, default=3e-4, help="learning rate of the image tower, heads, t and b (the course study's 3e-4, for both losses)")
     p.add_argument("--text-lr", type=float, default=None,
                    help="learning rate of the text encoder (default 3e-5 for a pretrained --text-model; --lr for the demo BERT, which starts from scratch)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
@@ -115,14 +125,23 @@ def get_args(argv=None):
     p.add_argument("--eval-root", default=None, help="image root for --eval-labels")
     p.add_argument("--eval-k", type=int, default=10, help="k of Precision@k")
     args = p.parse_args(argv)
+    if args.resume:  # continue the run as it was started: its args.json, then the flags given again on top
+        saved = Path(args.out or "") / "args.json"
+        if not args.out or not saved.is_file():
+            p.error(f"--resume needs --out, a run folder with its args.json ({saved} not found)")
+        for a in p._actions:  # parse again with no defaults: only the flags given now remain
+            a.default = argparse.SUPPRESS
+        given = vars(p.parse_args(argv))
+        first = {k: v for k, v in json.loads(saved.read_text()).items() if k not in ("max_steps", "overrides")}
+        args = argparse.Namespace(**{**vars(args), **first, **given})
+        args.overrides = {k: v for k, v in given.items() if k not in ("resume", "out") and first.get(k) != v}
     demo = args.data is None
     args.arch = args.arch or ("resnet18" if demo else "resnet50")
     args.size = args.size if args.size is not None else (64 if demo else 224)
-    args.epochs = args.epochs if args.epochs is not None else (30 if demo else 50)
+    # demo: 192 pairs make 6 steps an epoch; at lr 3e-4 the loss sits on its collapse value for the
+    # first ~250 steps, and 100 epochs ended at 0.88-0.91 x it, 150 well below (README: the seed table)
+    args.epochs = args.epochs if args.epochs is not None else (150 if demo else 50)
     args.batch_size = args.batch_size if args.batch_size is not None else (32 if demo else 64)
-    # demo: the sigmoid loss learns faster at 1e-3; the softmax loss stays on its log N plateau there
-    # and leaves it at the paper's 3e-4 (measured: README, the demo table)
-    args.lr = args.lr if args.lr is not None else (1e-3 if demo and args.loss == "sigmoid" else 3e-4)
     args.text_lr = args.text_lr if args.text_lr is not None else (3e-5 if args.text_model else args.lr)
     if args.batch_size < 2:
         p.error("--batch-size must be at least 2: a contrastive loss needs negatives in the batch")
@@ -150,8 +169,10 @@ def image_encoder(arch, weights):
 
 
 def projection(dim_in, dim_out):
-    """ConVIRT's projection head: one hidden layer with ReLU."""
-    return nn.Sequential(nn.Linear(dim_in, dim_in), nn.ReLU(inplace=True), nn.Linear(dim_in, dim_out))
+    """ConVIRT's projection head: one hidden layer with ReLU. No bias on the output: Adam moves a
+    bias as fast as any weight, and one shared vector added to every embedding pulls them all to
+    one point (the docstring's collapse; CLIP's projections have no bias either)."""
+    return nn.Sequential(nn.Linear(dim_in, dim_in), nn.ReLU(inplace=True), nn.Linear(dim_in, dim_out, bias=False))
 
 
 def demo_text_model(reports, seed, max_words=3000):
@@ -194,10 +215,15 @@ def hub_text_model(name):
     from transformers import AutoModel, AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(name), AutoModel.from_pretrained(name)
+        tokenizer, model = AutoTokenizer.from_pretrained(name), AutoModel.from_pretrained(name)
     except (OSError, ValueError) as e:
         raise SystemExit(f"could not load text model {name!r}: no such model or path, or offline with no local copy "
                          f"({str(e).splitlines()[0]})") from None
+    # BERT-style models come with a pooler over [CLS]; ConVIRT pools the token outputs itself, so the
+    # pooler gets no gradient, and DDP, waiting for one, would stop at the second step
+    if isinstance(getattr(model, "pooler", None), nn.Module):
+        model.pooler.requires_grad_(False)
+    return tokenizer, model
 
 
 def freeze_text_layers(model, k):
@@ -297,15 +323,52 @@ def sigmoid_loss(u, v, t, b, v_all=None, offset=0, pos_weight=1.0):
 
 
 def t_floor(n):
-    """The heuristic's floor under t: 2 log(N-1), so that a cosine swing of 1 can carry a logit from
-    the base rate -log(N-1) to odds of (N-1):1 for the positive. Below it (t = 1) the logits cannot
-    separate a positive from N-1 negatives and the embeddings collapse (measured: see the docstring)."""
+    """The heuristic's floor under t: 2 log(N-1). With b = -t/2, a positive at cosine 1 then sits at
+    logit log(N-1) (odds (N-1):1) and a negative at cosine 0 at -log(N-1): one cosine swing is enough
+    to separate a positive from N-1 negatives. At t = 1 it is not, and runs collapse (docstring)."""
     return 2 * math.log(n - 1)
 
 
-def collapse_loss(n):
-    """L_c(N) = log N + (N-1) log(N/(N-1)): the best sigmoid loss when all N^2 pairs score alike."""
-    return math.log(n) + (n - 1) * math.log(n / (n - 1))
+def prior_logit(n, pos_weight=1.0):
+    """a* = log(w / (N-1)): the one logit that minimises the sigmoid loss when all pairs score alike
+    (sigmoid(a*) = w / (w + N - 1)). SigLIP's w = 1: -log(N-1); the heuristic's w = N-1: 0."""
+    return math.log(pos_weight / (n - 1))
+
+
+def collapse_loss(n, pos_weight=1.0):
+    """L_c(N, w) = w log((w+N-1)/w) + (N-1) log((w+N-1)/(N-1)): sigmoid_loss when all N^2 pairs
+    score alike at the best common logit prior_logit(N, w); in the units of sigmoid_loss."""
+    w = pos_weight
+    return w * math.log((w + n - 1) / w) + (n - 1) * math.log((w + n - 1) / (n - 1))
+
+
+def softmax_collapse_loss(n):
+    """log N: infonce_loss when every score in a row is alike (each direction, so any lam)."""
+    return math.log(n)
+
+
+def collapse_verdict(loss, collapse_value, spread, evaluation=None, k=10):
+    """(collapsed, one line): a run has not collapsed when its loss (the last epoch's mean) is at most
+    0.9 x the collapse value, its last logged spread above 0.1 and, if it was evaluated,
+    image->image and text->image P@k more than 0.02 above chance."""
+    checks = [(loss <= 0.9 * collapse_value, f"loss {loss:.3f} = {loss / collapse_value:.2f} x the collapse value {collapse_value:.3f}"),
+              (spread > 0.1, f"spread {spread:.3f}")]
+    if evaluation:
+        chance = evaluation["chance"]
+        for d in ("i2i", "t2i"):
+            p = evaluation[f"{d}_p@{k}"]
+            checks.append((p > chance + 0.02, f"{d} P@{k} {p:.3f} (chance {chance:.3f})"))
+    collapsed = not all(ok for ok, _ in checks)
+    return collapsed, f"{'COLLAPSED' if collapsed else 'not collapsed'}: " + ", ".join(
+        ("" if ok else "FAILS ") + what for ok, what in checks)
+
+
+def collapse_advice(args):
+    """What to change, for the flags this run used."""
+    if args.loss == "sigmoid" and args.no_heuristic:
+        return "Drop --no-heuristic: plain SigLIP at a small batch collapses (convirt.py's docstring says why)."
+    return (f"Try a lower --lr (now {args.lr:g}) and more --epochs (now {args.epochs}): both losses sit on their "
+            "collapse value for a while before they leave it, and a high lr can keep them there (README).")
 
 
 def collapse_metrics(u, v):
@@ -396,9 +459,20 @@ def gather(x, world):
     return torch.cat(dist_nn.all_gather(x), 0) if world > 1 else x
 
 
+def to_cpu(obj):
+    """The same nesting of dicts and lists with every tensor on the CPU."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def atomic_save(obj, path):
     tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
+    torch.save(to_cpu(obj), tmp)  # CPU tensors: a GPU run's checkpoint loads on any machine
     os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
 
 
@@ -457,6 +531,9 @@ def main(argv=None):
                                 workers=args.workers, progress=master)
     if world > 1 and master:
         dist.barrier()
+    if len(dataset) < args.batch_size:  # --skip-bad can leave fewer readable images than one batch
+        raise SystemExit(f"only {len(dataset)} readable image-report pairs of {len(paths)} ({len(dataset.skipped)} unreadable, "
+                         f"skipped), fewer than --batch-size {args.batch_size}")
 
     # text model: named, or the demo's small BERT (resumed runs rebuild it from the checkpoint)
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False) if args.resume else None
@@ -475,17 +552,23 @@ def main(argv=None):
 
     heuristic = args.loss == "sigmoid" and not args.no_heuristic
     n = args.batch_size
-    b_init = -math.log(n - 1) if heuristic else args.b_init  # prior log-odds: 1 positive in N
+    pos_weight = n - 1 if heuristic else 1.0  # the positives weigh as much as the N-1 negatives
+    b_init = prior_logit(n, pos_weight) if heuristic else args.b_init  # the loss starts at its collapse value
+    collapse_value = collapse_loss(n, pos_weight) if args.loss == "sigmoid" else softmax_collapse_loss(n)
     model = ConVIRT(args.arch, args.weights, text_model, args.proj_dim, args.text_pool, args.t_init, b_init).to(device)
     if args.loss == "softmax":  # t and b unused: frozen, or DDP would wait for their gradients and skip averaging
         model.t_prime.requires_grad_(False)
         model.bias.requires_grad_(False)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
+    if world > 1 and cuda:  # BatchNorm statistics over the global batch (SyncBatchNorm is GPU-only; on CPU, per process)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     text_params = [p for p in model.text_encoder.parameters() if p.requires_grad]
-    other = [p for name, p in model.named_parameters() if not name.startswith("text_encoder.") and p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": other, "lr": args.lr}, {"params": text_params, "lr": args.text_lr}],
-                                  weight_decay=args.weight_decay)
+    scalars = [p for p in (model.t_prime, model.bias) if p.requires_grad]  # no decay on t' and b (open_clip)
+    other = [p for name, p in model.named_parameters()
+             if not name.startswith("text_encoder.") and name not in ("t_prime", "bias") and p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": other, "lr": args.lr}, {"params": text_params, "lr": args.text_lr},
+                                   {"params": scalars, "lr": args.lr, "weight_decay": 0.0}], weight_decay=args.weight_decay)
     steps_per_epoch = len(dataset) // args.batch_size
     total = args.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, max(1, int(args.warmup * total))))
@@ -502,10 +585,12 @@ def main(argv=None):
 
     sampler = torch.utils.data.distributed.DistributedSampler(dataset, world, rank, shuffle=True, seed=args.seed,
                                                               drop_last=True)
+    # workers start anew each epoch, seeded from that epoch's torch.manual_seed, so a resumed run draws
+    # the augmentations an uninterrupted one would (persistent workers keep their first-epoch streams)
     loader = torch.utils.data.DataLoader(dataset, batch_size=local_bs, sampler=sampler, num_workers=args.workers,
-                                         pin_memory=cuda, drop_last=True, persistent_workers=args.workers > 0)
+                                         pin_memory=cuda, drop_last=True, persistent_workers=False)
     eval_loader = None
-    if eval_paths is not None and master and args.eval_every:
+    if eval_paths is not None and args.eval_every:  # every rank evaluates, so none waits for rank 0 in a collective
         eval_ds = data.ImageDataset(eval_paths, None, data.eval_transform(args.size), size=args.size, channels=1,
                                     cache_dir=cache, skip_bad=args.skip_bad)
         eval_loader = torch.utils.data.DataLoader(eval_ds, batch_size=64, num_workers=0)
@@ -513,7 +598,12 @@ def main(argv=None):
 
     if master:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=1))
+        if args.resume:  # the first args.json stays; each resume is recorded beside it
+            with open(out / "resumes.jsonl", "a") as f:
+                f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "overrides": args.overrides}) + "\n")
+            print(f"resuming {out} as it was started" + (f", with overrides {args.overrides}" if args.overrides else ""))
+        else:
+            (out / "args.json").write_text(json.dumps(vars(args), indent=1))
         print(f"convirt: {len(dataset)} pairs, {args.arch} + {args.text_model or 'demo BERT'}, loss {args.loss}"
               f"{' + heuristic' if heuristic else ''}, {world} process(es) on {device}, run folder {out}")
     log = open(out / "log.jsonl", "a") if master else None
@@ -534,14 +624,15 @@ def main(argv=None):
         rec = {"epoch": epoch, "step": step, "eval": {names[c]: {"i2i": r[0], "t2i": r[1], "chance": r[2]} for c, r in res.items()}}
         mean = lambda i: float(np.mean([r[i] for r in res.values() if r[i] is not None]))  # noqa: E731
         rec.update({f"i2i_p@{args.eval_k}": mean(0), f"t2i_p@{args.eval_k}": mean(1), "chance": mean(2)})
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
-        print(f"epoch {epoch}: retrieval P@{args.eval_k} image->image {mean(0):.3f}, text->image {mean(1):.3f} "
-              f"(chance {mean(2):.3f})")
+        if master:
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            print(f"epoch {epoch}: retrieval P@{args.eval_k} image->image {mean(0):.3f}, text->image {mean(1):.3f} "
+                  f"(chance {mean(2):.3f})")
         return rec
 
     warned = False
-    last_eval = None
+    last_eval = last_rec = None
     ddp.train()
     for epoch in range(start_epoch, args.epochs):
         # every epoch's randomness is a function of (seed, epoch): a resumed run draws what it would have
@@ -549,6 +640,7 @@ def main(argv=None):
         sampler.set_epoch(epoch)
         bar = tqdm(loader, desc=f"epoch {epoch}", disable=not master, leave=False)
         t0 = time.time()
+        loss_sum, n_steps = torch.zeros((), device=device), 0  # summed on the device: no sync per step
         for i, (x, text) in enumerate(bar, 1):
             x = x.to(device, non_blocking=True)
             if cuda:
@@ -562,11 +654,11 @@ def main(argv=None):
                 loss = infonce_loss(u, v, args.tau, args.lam, u_all, v_all, offset)
                 t = b = None
             else:
-                t = raw.t_prime.exp()
+                t = raw.t_prime.exp().clamp(max=100.0)  # open_clip's ceiling on the logit scale
                 if heuristic:
                     t = t.clamp(min=t_floor(u_all.shape[0]))
                 b = raw.bias
-                loss = sigmoid_loss(u, v, t, b, v_all, offset, pos_weight=(u_all.shape[0] - 1) if heuristic else 1.0)
+                loss = sigmoid_loss(u, v, t, b, v_all, offset, pos_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if args.clip:
@@ -574,6 +666,8 @@ def main(argv=None):
             optimizer.step()
             scheduler.step()
             step += 1
+            loss_sum += loss.detach()
+            n_steps += 1
             if step % args.log_every == 0 or step == 1:
                 lv = loss.detach()
                 if world > 1:
@@ -584,15 +678,17 @@ def main(argv=None):
                     raise SystemExit(f"loss is {lv} at step {step} (epoch {epoch}): stopping; the last good "
                                      f"checkpoint, if any, is untouched at {ckpt_path}")
                 gap, spread = collapse_metrics(u_all.detach().float(), v_all.detach().float())
-                rec = {"step": step, "epoch": epoch, "loss": lv, "lr": scheduler.get_last_lr()[0], "gap": gap,
-                       "spread": spread, "img_per_s": round(i * args.batch_size / max(time.time() - t0, 1e-9), 1)}
+                rec = {"step": step, "epoch": epoch, "loss": lv, "collapse_loss": collapse_value, "lr": scheduler.get_last_lr()[0],
+                       "gap": gap, "spread": spread, "img_per_s": round(i * args.batch_size / max(time.time() - t0, 1e-9), 1)}
                 if t is not None:
-                    rec.update(t=float(t.detach()), b=float(b.detach()), collapse_loss=collapse_loss(u_all.shape[0]))
+                    rec.update(t=float(t.detach()), b=float(b.detach()))
                 if spread < 0.1 and not warned and master:
                     warned = True
                     warnings.warn(f"step {step}: the embeddings have collapsed (spread {spread:.3f} < 0.1, diagonal gap "
-                                  f"{gap:.3f}); every pair is scored alike. With --loss sigmoid, drop --no-heuristic.")
+                                  f"{gap:.3f}, loss {lv:.3f} against the collapse value {collapse_value:.3f}); every pair "
+                                  f"is scored alike. {collapse_advice(args)}")
                 rec["collapsed"] = spread < 0.1
+                last_rec = rec
                 if master:
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
@@ -600,7 +696,14 @@ def main(argv=None):
                                     gap=f"{gap:.2f}", spread=f"{spread:.2f}")
             if args.max_steps and step >= args.max_steps:
                 break
+        if world > 1:
+            dist.all_reduce(loss_sum)
+            loss_sum /= world
+        # one batch's loss swings by several percent: the epoch's mean is what the verdict reads
+        epoch_rec = {"epoch": epoch, "step": step, "epoch_loss": float(loss_sum) / max(n_steps, 1),
+                     "collapse_loss": collapse_value}
         if master:
+            log.write(json.dumps(epoch_rec) + "\n")
             if dataset.skipped:
                 print(dataset.report_skipped(), file=sys.stderr)
             lv = float(loss.detach())
@@ -611,16 +714,21 @@ def main(argv=None):
                          "text_config": raw.text_encoder.config.to_dict(), "tokenizer_json": tokenizer_json,
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "epoch": epoch, "step": step, "args": vars(args)}, ckpt_path)
-            if eval_loader is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-                last_eval = evaluate(epoch)
+        if eval_loader is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+            last_eval = evaluate(epoch)
         if args.max_steps and step >= args.max_steps:
             break
     if master:
+        if last_rec is not None:
+            collapsed, verdict = collapse_verdict(epoch_rec["epoch_loss"], collapse_value, last_rec["spread"], last_eval,
+                                                  args.eval_k)
+            log.write(json.dumps({"step": step, "collapsed": collapsed, "verdict": verdict}) + "\n")
+            print(verdict + ("" if not collapsed else f" {collapse_advice(args)}"))
         log.close()
         print(f"checkpoint: {ckpt_path}")
         task = "--task rsna" if args.data is None else "--task rsna --data /path/to/rsna"
         if (Path(__file__).parent / "finetune.py").exists():
-            print(f"evaluate it: python finetune.py --ckpt {ckpt_path} {task} --arch {args.arch}")
+            print(f"evaluate it: python finetune.py --ckpt {ckpt_path} {task} --arch {args.arch} --init random")
     if world > 1:
         dist.destroy_process_group()
     return last_eval

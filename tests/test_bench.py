@@ -16,3 +16,16 @@ def test_bench_smoke(tmp_path, demo):
     assert {(r["pipeline"], r["source"]) for r in res["loader"]} == {("convirt", "DICOM"), ("convirt", "cache"),
                                                                      ("ssl-xray", "DICOM"), ("ssl-xray", "cache")}
     assert "| simclr |" in p.stdout
+
+
+def test_convirt_scale_smoke(tmp_path, demo):
+    # the seed-table script: runs, reads each run's log, writes the JSON the README's table and figure come from
+    out = tmp_path / "scale.json"
+    p = run_script("benchmarks/convirt_scale.py", "--variants", "heuristic", "softmax", "--seeds", "0", "--size", "32",
+                   "--runs", tmp_path / "runs", "--out", out, "--", "--epochs", "1", "--max-steps", "2", "--workers", "0",
+                   "--eval-every", "1")
+    res = json.loads(out.read_text())
+    assert [(r["variant"], r["seed"], r["size"]) for r in res["runs"]] == [("heuristic", 0, 32), ("softmax", 0, 32)]
+    keys = {"final_loss", "collapse_loss", "final_spread", "i2i_p_at_k", "t2i_p_at_k", "chance", "collapsed"}
+    assert all(keys <= set(r) and r["chance"] > 0 for r in res["runs"])
+    assert (tmp_path / "scale.png").is_file() and "heuristic" in p.stdout

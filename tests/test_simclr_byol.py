@@ -179,19 +179,19 @@ def test_smoke_and_checkpoint_into_torchvision(script, extra, tmp_path, demo):
     assert missing == ["fc.weight", "fc.bias"] and unexpected == [] and ck["method"] == script[:-3]
 
 
-@pytest.mark.parametrize("script", ["simclr.py", "byol.py"])
+@pytest.mark.parametrize("module", [simclr, byol])
 @pytest.mark.parametrize("preset", data.PRESETS)
-def test_every_augmentation_preset_runs(script, preset, tmp_path, demo):
+def test_every_augmentation_preset_runs(module, preset, tmp_path, demo):
+    # in-process (the subprocess smoke tests above run the scripts as a user would): one step per preset
     kind = "cytology" if preset.startswith("cytology") else "xray"
-    run_script(script, *SMALL, "--proj-hidden", "32", "--demo", kind, "--aug", preset, "--epochs", "1",
-               "--max-steps", "1", "--knn-every", "0", "--out", tmp_path / preset)
+    module.main([*SMALL, "--proj-hidden", "32", "--demo", kind, "--aug", preset, "--epochs", "1",
+                 "--max-steps", "1", "--knn-every", "0", "--out", str(tmp_path / preset)])
     assert (tmp_path / preset / "checkpoint.pt").is_file()
 
 
-@pytest.mark.parametrize("script", ["simclr.py", "byol.py"])
-def test_exact_resume(script, tmp_path, demo):
-    # 240 images / batch 16 = 15 steps an epoch
-    check_exact_resume(script, [*SMALL, "--proj-hidden", "64", "--epochs", "2", "--knn-every", "0", "--deterministic"],
+def test_exact_resume(tmp_path, demo):
+    # 240 images / batch 16 = 15 steps an epoch (simclr.py: the bare-resume test below, with workers)
+    check_exact_resume("byol.py", [*SMALL, "--proj-hidden", "64", "--epochs", "2", "--knn-every", "0", "--deterministic"],
                        tmp_path, 15)
 
 
@@ -246,20 +246,20 @@ def test_skip_bad_counts_only_readable_images(script, tmp_path, demo):
 def test_bare_resume_continues_the_run_as_started_with_workers(tmp_path, demo):
     # `--resume --out DIR` alone: the run's own flags (not the demo defaults), the first args.json
     # kept, and with 2 DataLoader workers the same losses step for step (workers seeded per epoch)
-    args = ["--size", "32", "--batch-size", "16", "--workers", "2", "--log-every", "1", "--proj-hidden", "64",
+    args = ["--size", "32", "--batch-size", "32", "--workers", "2", "--log-every", "1", "--proj-hidden", "64",
             "--epochs", "2", "--knn-every", "0", "--deterministic"]
-    check_exact_resume("simclr.py", args, tmp_path, 15, bare=True)
+    check_exact_resume("simclr.py", args, tmp_path, 7, bare=True)  # 240 images / batch 32 = 7 steps an epoch
     cut = tmp_path / "cut"
     first = json.loads((cut / "args.json").read_text())
-    assert (first["batch_size"], first["epochs"], first["max_steps"], first["resume"]) == (16, 2, 15, False)
+    assert (first["batch_size"], first["epochs"], first["max_steps"], first["resume"]) == (32, 2, 7, False)
     record = [json.loads(x) for x in (cut / "resumes.jsonl").read_text().splitlines()]
     assert len(record) == 1 and record[0]["overrides"] == {}
     # a flag given again overrides the saved one and is said
-    p = run_script("simclr.py", "--resume", "--out", cut, "--epochs", "3", "--max-steps", "31")
-    assert "with overrides {'epochs': 3, 'max_steps': 31}" in p.stdout
+    p = run_script("simclr.py", "--resume", "--out", cut, "--epochs", "3", "--max-steps", "15")
+    assert "with overrides {'epochs': 3, 'max_steps': 15}" in p.stdout
     assert json.loads((cut / "args.json").read_text()) == first
-    assert [json.loads(x)["overrides"] for x in (cut / "resumes.jsonl").read_text().splitlines()][-1] == {"epochs": 3,
-                                                                                                  "max_steps": 31}
+    overrides = [json.loads(x)["overrides"] for x in (cut / "resumes.jsonl").read_text().splitlines()]
+    assert overrides[-1] == {"epochs": 3, "max_steps": 15}
     # --resume without a run folder is a clear error
     p = run_script("simclr.py", "--resume", "--out", tmp_path / "nothing", check=False)
     assert p.returncode == 2 and "--resume needs --out, a run folder with its args.json" in p.stderr
