@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo comparison table, in one command: pretrain every method on the demo data, then evaluate
-# them at 1 / 10 / 100 % of the labels, linear probe and fine-tuning. About 50 minutes on 2 CPU cores.
+# them at 1 / 10 / 100 % of the labels, linear probe and fine-tuning. About an hour on 2 CPU cores.
 #   bash demo_table.sh [OUT]       (default runs/demo-table)
 set -euo pipefail
 cd "$(dirname "$0")"

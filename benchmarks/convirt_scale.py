@@ -75,7 +75,8 @@ def summary(variant, seed, args, run):
             "final_loss": last["epoch_loss"], "collapse_loss": last["collapse_loss"], "final_spread": run["steps"][-1]["spread"],
             "i2i_p_at_k": ev.get(f"i2i_p@{k}"), "t2i_p_at_k": ev.get(f"t2i_p@{k}"), "k": int(k) if k else None,
             "chance": ev.get("chance"), "collapsed": run["collapsed"], "verdict": run["verdict"],
-            "curve": [[r["step"], r["loss"] / r["collapse_loss"], r["spread"]] for r in run["steps"]]}
+            "loss_curve": [[r["step"], r["epoch_loss"] / r["collapse_loss"]] for r in run["epochs"]],
+            "spread_curve": [[r["step"], r["spread"]] for r in run["steps"]]}
 
 
 def launch(variant, seed, args):
@@ -104,14 +105,14 @@ def plot(runs, path):
     fig, (ax_l, ax_s) = plt.subplots(1, 2, figsize=(11, 4))
     colours = dict(zip(VARIANTS, ["C0", "C1", "C2", "C3"]))
     for r in runs:
-        step, rel, spread = zip(*r["curve"])
         label = r["variant"] if r["seed"] == min(x["seed"] for x in runs if x["variant"] == r["variant"]) else None
-        ax_l.plot(step, rel, color=colours[r["variant"]], alpha=0.7, label=label)
-        ax_s.plot(step, spread, color=colours[r["variant"]], alpha=0.7, label=label)
+        ax_l.plot(*zip(*r["loss_curve"]), color=colours[r["variant"]], alpha=0.7, label=label)
+        ax_s.plot(*zip(*r["spread_curve"]), color=colours[r["variant"]], alpha=0.7, label=label)
     ax_l.axhline(1.0, color="k", lw=0.8, ls=":")
     ax_l.axhline(0.9, color="k", lw=0.8, ls="--")
     ax_s.axhline(0.1, color="k", lw=0.8, ls="--")
-    ax_l.set(xlabel="step", ylabel="loss / collapse value", title="loss in units of its collapse value (0.9: the bar)")
+    ax_l.set(xlabel="step", ylabel="epoch's mean loss / collapse value",
+             title="loss in units of its collapse value (0.9: the bar)")
     ax_s.set(xlabel="step", ylabel="spread", title="spread (0.1: collapsed below)")
     ax_l.legend()
     a = runs[0]
