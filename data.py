@@ -1394,6 +1394,7 @@ def make_pairs_demo(out_dir, studies, size=256, seed=0, workers=None, val_fracti
     of processes writes the same files. Beside the MIMIC layout it writes mimic-cxr-2.0.0-split.csv
     (a patient-level train / validate split) and validate-chexpert.csv (the validate studies' labels,
     for convirt.py --eval-labels). Returns a summary dict."""
+    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     t0 = time.time()
@@ -1401,8 +1402,8 @@ def make_pairs_demo(out_dir, studies, size=256, seed=0, workers=None, val_fracti
     mimic.mkdir(parents=True, exist_ok=True)
     jobs = [(mimic, i, size, seed) for i in range(studies)]
     workers = workers or os.cpu_count() or 1
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+    if workers > 1:  # spawned, not forked: a fork of a process whose torch threads are running can hang
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             rows = list(pool.map(_write_study_own_stream, jobs, chunksize=16))
     else:
         rows = [_write_study_own_stream(j) for j in jobs]

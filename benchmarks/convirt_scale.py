@@ -104,10 +104,14 @@ def plot(runs, path):
 
     fig, (ax_l, ax_s) = plt.subplots(1, 2, figsize=(11, 4))
     colours = dict(zip(VARIANTS, ["C0", "C1", "C2", "C3"]))
+    top = 1.2  # the interesting range; a run above it is named in the legend with where it ends
     for r in runs:
         label = r["variant"] if r["seed"] == min(x["seed"] for x in runs if x["variant"] == r["variant"]) else None
+        if label and max(v for _, v in r["loss_curve"][-5:]) > top:
+            label += f" (off the axis: ends at {r['loss_curve'][-1][1]:.2f})"
         ax_l.plot(*zip(*r["loss_curve"]), color=colours[r["variant"]], alpha=0.7, label=label)
         ax_s.plot(*zip(*r["spread_curve"]), color=colours[r["variant"]], alpha=0.7, label=label)
+    ax_l.set_ylim(0.75, top)
     ax_l.axhline(1.0, color="k", lw=0.8, ls=":")
     ax_l.axhline(0.9, color="k", lw=0.8, ls="--")
     ax_s.axhline(0.1, color="k", lw=0.8, ls="--")
