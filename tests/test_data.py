@@ -547,6 +547,10 @@ def test_demo_command_line(tmp_path):
     out = run_script("data.py", "demo", tmp_path / "d", "--size", "32").stdout
     assert "demo data written" in out and "cytology/" in out
     assert (tmp_path / "d" / "summary.json").is_file()
+    # --studies: the larger pair set instead, and the convirt.py command that uses it
+    out = run_script("data.py", "demo", tmp_path / "p", "--studies", "4", "--size", "32", "--workers", "1").stdout
+    assert "4 image-report studies of 2 patients" in out and "python convirt.py --data" in out
+    assert len(list((tmp_path / "p" / "mimic").rglob("*.dcm"))) == 4 and not (tmp_path / "p" / "rsna").exists()
 
 
 def test_csv_pairs_report_cells(tmp_path):
