@@ -638,6 +638,26 @@ def patient_split(ids, fractions=(0.7, 0.15, 0.15), seed=0):
     return [np.asarray(sorted(o), np.int64) for o in out]
 
 
+EVAL_SPLIT = (0.6, 0.2, 0.2)
+
+
+def eval_split(ids):
+    """finetune.py's (train, val, test) index arrays: 60 / 20 / 20 by patient, seed 0, the same for
+    every method; the demo's pretraining sets hold only the train part (see demo_images)."""
+    return patient_split(ids, EVAL_SPLIT, seed=0)
+
+
+def official_split(paths, split_csv):
+    """(train, val, test) index arrays of image paths from MIMIC-CXR's mimic-cxr-2.0.0-split.csv
+    (by dicom_id, the file name's stem); an image the CSV does not list is an error."""
+    split_of = {r["dicom_id"]: r["split"] for r in _read_csv(split_csv, ("dicom_id", "split"))}
+    missing = [p for p in paths if Path(p).stem not in split_of]
+    if missing:
+        raise ValueError(f"{split_csv}: {len(missing)} images have no row (dicom_id), e.g. {missing[0]}")
+    return [np.asarray([i for i, p in enumerate(paths) if split_of[Path(p).stem] == name], np.int64)
+            for name in ("train", "validate", "test")]
+
+
 def label_fraction(labels, fraction, seed=0):
     """Indices of a stratified, deterministic, nested subset holding `fraction` of the labels.
 
@@ -934,19 +954,19 @@ class ToRGBNormalized(torch.nn.Module):
 PRESETS = ["xray", "xray-chessboard", "cytology-A", "cytology-B", "cytology-C", "cytology-D", "cytology-E", "simclr"]
 
 
-def ssl_transform(preset, size, channels=1, clahe=False):
+def ssl_transform(preset, size, channels=1, clahe=False, jitter=0.3):
     """A torchvision.transforms.v2 pipeline for one augmented view.
 
     Input: float C x H x W in [0, 1] (what ImageDataset reads); output: 3 x size x size,
     ImageNet-normalised. Presets:
       xray        the X-ray augmentation study's rotation (+-10 deg), Gaussian blur and random
                   erasing, without its flip (laterality matters), plus a resized crop and
-                  brightness/contrast jitter: without the jitter two views share their exposure,
-                  the easiest thing to agree on (on the demo, BYOL's linear probe fell from
-                  0.81-0.83 to 0.53-0.64); clahe=True puts CLAHE first (needs scikit-image)
+                  brightness/contrast jitter (+-30 %, `jitter`; chosen against 20 % and 45 % on
+                  the demo's validation split): without it two views share their exposure, the
+                  easiest thing to agree on; clahe=True puts CLAHE first (needs scikit-image)
       xray-chessboard  xray + the study's chessboard mask (p 0.3). Opt-in: at 64 px it hides half
-                  the image, often the finding; in the demo tuning runs it lowered both SimCLR's
-                  and BYOL's linear probe (README, the demo table)
+                  the image, often the finding; on the demo's validation split it lowered both
+                  SimCLR's and BYOL's linear probe (README, simclr.py and byol.py)
       cytology-A  random crop + horizontal/vertical flip (the cytology study's baseline)
       cytology-B  A + colour jitter + histogram equalisation
       cytology-C  A + soft elastic deformation
@@ -961,7 +981,7 @@ def ssl_transform(preset, size, channels=1, clahe=False):
         ops = [T.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.85, 1.15), antialias=True),
                T.RandomApply([T.RandomRotation(10)], p=0.5),
                T.RandomApply([blur], p=0.3),
-               T.ColorJitter(brightness=0.3, contrast=0.3),
+               T.ColorJitter(brightness=jitter, contrast=jitter),
                *([ChessboardMask(p=0.3)] if preset == "xray-chessboard" else []),
                T.RandomErasing(p=0.3, scale=(0.02, 0.1), value=0)]
         if clahe:
@@ -1003,10 +1023,188 @@ class TwoViews:
 
 
 # ----------------------------------------------------------------------------------
+# Batched augmentation: the presets on a whole batch, on its own device
+# ----------------------------------------------------------------------------------
+
+def _rand(g, *shape):
+    return torch.rand(shape, generator=g, device=g.device)
+
+
+def _uniform(g, shape, lo, hi):
+    return _rand(g, *shape) * (hi - lo) + lo
+
+
+def _boxes(g, n, height, width, scale, ratio, fallback_whole):
+    """(top, left, h, w, found) per image, torchvision's RandomResizedCrop / RandomErasing draw: ten
+    tries of an area fraction in `scale` and a log-uniform aspect ratio in `ratio`, the first that
+    fits; none fits: the whole image (crop) or nothing (erasing, found False)."""
+    area = _uniform(g, (n, 10), *scale) * height * width
+    r = torch.exp(_uniform(g, (n, 10), math.log(ratio[0]), math.log(ratio[1])))
+    w, h = torch.sqrt(area * r).round(), torch.sqrt(area / r).round()
+    fits = (w >= 1) & (h >= 1) & ((w <= width) & (h <= height) if fallback_whole else (w < width) & (h < height))
+    pick = fits.float().argmax(1, keepdim=True)
+    found = fits.any(1)
+    h = torch.where(found, h.gather(1, pick)[:, 0], torch.full_like(h[:, 0], height))
+    w = torch.where(found, w.gather(1, pick)[:, 0], torch.full_like(w[:, 0], width))
+    top, left = torch.floor(_rand(g, n) * (height - h + 1)), torch.floor(_rand(g, n) * (width - w + 1))
+    return top, left, h, w, found
+
+
+def _per(v):
+    return v.reshape(-1, 1, 1, 1)
+
+
+def _gray(x):
+    return x if x.shape[1] == 1 else 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+def _blur(x, sigma, k):
+    """Each image blurred with its own sigma (torchvision's kernel, reflect padding): a separable,
+    grouped convolution, two passes for the whole batch."""
+    b, c, hgt, wid = x.shape
+    t = torch.arange(k, device=x.device, dtype=x.dtype) - (k - 1) / 2
+    ker = torch.exp(-0.5 * (t[None] / sigma[:, None].to(x.dtype)) ** 2)
+    ker = (ker / ker.sum(1, keepdim=True)).repeat_interleave(c, 0)
+    y = F.pad(x.reshape(1, b * c, hgt, wid), (k // 2,) * 4, mode="reflect")
+    y = F.conv2d(F.conv2d(y, ker[:, None, None, :], groups=b * c), ker[:, None, :, None], groups=b * c)
+    return y.reshape(b, c, hgt, wid)
+
+
+def _hue_shift(x, shift):
+    """RGB -> HSV, hue + shift (mod 1), -> RGB, per image."""
+    r, g, b = x.unbind(1)
+    mx, mn = x.max(1).values, x.min(1).values
+    d = mx - mn
+    dd = d.clamp(min=1e-12)
+    h = torch.where(mx == r, ((g - b) / dd) % 6, torch.where(mx == g, (b - r) / dd + 2, (r - g) / dd + 4)) / 6
+    h = (torch.where(d > 0, h, torch.zeros_like(h)) + shift.reshape(-1, 1, 1)) % 1.0
+    s = torch.where(mx > 0, d / mx.clamp(min=1e-12), torch.zeros_like(mx))
+    i, f = torch.floor(h * 6) % 6, h * 6 - torch.floor(h * 6)
+    p, q, t = mx * (1 - s), mx * (1 - s * f), mx * (1 - s * (1 - f))
+    table = torch.stack([torch.stack(c, 1) for c in ((mx, t, p), (q, mx, p), (p, mx, t), (p, q, mx), (t, p, mx), (mx, p, q))])
+    return table.gather(0, i.long()[None, :, None].expand(1, -1, 3, -1, -1))[0]
+
+
+def jitter_images(x, factors, order):
+    """torchvision's ColorJitter with per-image factors (brightness, contrast, saturation: n each;
+    hue: a shift, n) applied in a per-image order (n x 4, a permutation of 0..3)."""
+    def op(k, y):
+        f = factors[k]
+        if f is None or (k >= 2 and y.shape[1] == 1):
+            return y
+        if k == 0:
+            return (y * _per(f)).clamp(0, 1)
+        if k == 1:
+            return (_per(f) * y + (1 - _per(f)) * _gray(y).mean((1, 2, 3), keepdim=True)).clamp(0, 1)
+        if k == 2:
+            return (_per(f) * y + (1 - _per(f)) * _gray(y)).clamp(0, 1)
+        return _hue_shift(y, f)
+
+    for slot in range(4):
+        x = sum(torch.where(_per(order[:, slot] == k), op(k, x), 0.0) for k in range(4))
+    return x
+
+
+class BatchAugment:
+    """ssl_transform's presets on a whole batch on its own device, each image with its own random
+    parameters, all drawn by `sample` from one torch.Generator (seeded by seed, epoch and rank, a
+    resumed run draws the same) and applied by `apply`. One resampling per image: crop, rotation,
+    flips and the elastic field composed into one sampling grid, one grid_sample; then the intensity
+    operations. Input B x C x S x S, uint8 or float in [0, 1] (S: the cache's side, a little above
+    `size`, so that the crop does not upsample); output B x 3 x size x size, ImageNet-normalised."""
+
+    def __init__(self, preset, size, channels=1, jitter=0.3):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown augmentation preset {preset!r}; choose from {PRESETS}")
+        self.preset, self.size, self.channels, self.jitter = preset, size, channels, jitter
+        self.blur_k = 2 * (size // 20) + 1
+
+    def __call__(self, x, generator):
+        return self.apply(x, self.sample(generator, x.shape[0], x.shape[-1]))
+
+    def sample(self, g, n, side):
+        p, s = self.preset, self.size
+        xray, cyto, colour = p.startswith("xray"), p.startswith("cytology"), self.channels == 3
+        coin = lambda prob: _rand(g, n) < prob  # noqa: E731
+        scale, ratio = ((0.6, 1.0), (0.85, 1.15)) if xray else ((0.08 if p == "simclr" else 0.5, 1.0), (3 / 4, 4 / 3))
+        q = {"crop": _boxes(g, n, side, side, scale, ratio, True)[:4]}
+        q["hflip"], q["vflip"] = (coin(0.5) if cyto or p == "simclr" else None), (coin(0.5) if cyto else None)
+        q["angle"] = _uniform(g, (n,), -10, 10) * coin(0.5) if xray else None
+        q["elastic"] = None
+        if p == "cytology-C":  # torchvision's ElasticTransform(alpha 20, sigma 6), p 0.7
+            field = _blur(_rand(g, n, 2, s, s) * 2 - 1, torch.full((n,), 6.0, device=g.device), int(8 * 6.0 + 1) | 1)
+            q["elastic"] = field * 20.0 / s * _per(coin(0.7))
+        blur_p = {"xray": 0.3, "xray-chessboard": 0.3, "cytology-D": 0.5, "simclr": 0.5, "cytology-E": 0.5}.get(p)
+        q["blur"] = (coin(blur_p), _uniform(g, (n,), 0.1, 2.0)) if blur_p else None
+        amounts = {"xray": (self.jitter, self.jitter, 0, 0), "xray-chessboard": (self.jitter, self.jitter, 0, 0),
+                   "cytology-B": (0.4, 0.4, 0.4, 0.1), "simclr": (0.8, 0.8, 0.8 * colour, 0.2 * colour)}.get(p)
+        q["jitter"] = None
+        if amounts:
+            factors = [_uniform(g, (n,), max(0, 1 - a), 1 + a) if a else None for a in amounts[:3]]
+            factors.append(_uniform(g, (n,), -amounts[3], amounts[3]) if amounts[3] else None)
+            q["jitter"] = (coin(1.0 if xray else 0.8), factors, torch.argsort(_rand(g, n, 4), 1))
+        q["equalize"] = coin(0.3) if p == "cytology-B" else None
+        q["gray"] = coin(0.2) if p == "simclr" and colour else None
+        q["noise"] = (coin(0.5), _uniform(g, (n,), 0.05, 0.2), torch.randn((n, self.channels, s, s), generator=g, device=g.device)) \
+            if p == "cytology-D" else None
+        q["chessboard"] = (coin(0.3), torch.randint(2, 9, (n,), generator=g, device=g.device),
+                           torch.randint(0, 2, (n,), generator=g, device=g.device)) if p == "xray-chessboard" else None
+        q["erase"] = (coin(0.3),) + _boxes(g, n, s, s, (0.02, 0.1), (0.3, 3.3), False) if xray else None
+        return q
+
+    def apply(self, x, q):
+        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        n, side, s = x.shape[0], x.shape[-1], self.size
+        lin = (torch.arange(s, device=x.device, dtype=torch.float32) + 0.5) / s * 2 - 1  # output pixel centres
+        u, v = lin[None, None, :].expand(n, s, s), lin[None, :, None].expand(n, s, s)
+        if q["elastic"] is not None:  # on the flipped crop, in its own coordinates (ElasticTransform after the crop)
+            u, v = u + q["elastic"][:, 0], v + q["elastic"][:, 1]
+        if q["angle"] is not None:  # rotation of the crop about its centre
+            a = torch.deg2rad(q["angle"]).reshape(-1, 1, 1)
+            u, v = torch.cos(a) * u - torch.sin(a) * v, torch.sin(a) * u + torch.cos(a) * v
+        inside = (u.abs() <= 1) & (v.abs() <= 1)  # outside the crop: black, as rotate and elastic fill
+        if q["hflip"] is not None:
+            u = torch.where(q["hflip"].reshape(-1, 1, 1), -u, u)
+        if q["vflip"] is not None:
+            v = torch.where(q["vflip"].reshape(-1, 1, 1), -v, v)
+        top, left, h, w = (t.reshape(-1, 1, 1) for t in q["crop"])
+        grid = torch.stack([(left + (u + 1) / 2 * w) / side * 2 - 1, (top + (v + 1) / 2 * h) / side * 2 - 1], -1)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False) * inside[:, None]
+        if self.preset in ("xray", "xray-chessboard", "cytology-D"):  # blur before the intensity operations
+            x = torch.where(_per(q["blur"][0]), _blur(x, q["blur"][1], self.blur_k), x)
+        if q["jitter"] is not None:
+            x = torch.where(_per(q["jitter"][0]), jitter_images(x, q["jitter"][1], q["jitter"][2]), x)
+        if q["equalize"] is not None:
+            x = torch.where(_per(q["equalize"]), T.functional.equalize(x), x)
+        if q["gray"] is not None:
+            x = torch.where(_per(q["gray"]), _gray(x).expand_as(x), x)
+        if self.preset == "simclr":  # SimCLR blurs after the colour operations
+            x = torch.where(_per(q["blur"][0]), _blur(x, q["blur"][1], self.blur_k), x)
+        if self.preset == "cytology-E":  # blur or sharpen
+            x = torch.where(_per(q["blur"][0]), _blur(x, q["blur"][1], self.blur_k), T.functional.adjust_sharpness(x, 3.0))
+        if q["noise"] is not None:
+            on, sigma, z = q["noise"]
+            x = torch.where(_per(on), (x * (1 + _per(sigma) * z)).clamp(0, 1), x)
+        r = torch.arange(s, device=x.device).reshape(1, 1, -1, 1)
+        c = torch.arange(s, device=x.device).reshape(1, 1, 1, -1)
+        if q["chessboard"] is not None:
+            on, cells, phase = (t.reshape(-1, 1, 1, 1) for t in q["chessboard"])
+            x = x.masked_fill(on & ((r * cells // s + c * cells // s + phase) % 2 == 0), 0.0)
+        if q["erase"] is not None:
+            on, top, left, h, w, found = (t.reshape(-1, 1, 1, 1) for t in q["erase"])
+            box = (r >= top) & (r < top + h) & (c >= left) & (c < left + w)
+            x = x.masked_fill(box & on & found, 0.0)
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).reshape(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device).reshape(1, 3, 1, 1)
+        return (x - mean) / std
+
+
+# ----------------------------------------------------------------------------------
 # The built-in demo data set
 # ----------------------------------------------------------------------------------
 
-DEMO_VERSION = 2  # 2: 600 RSNA-style images (was 200), the RSNA and cytology parts on their own random streams
+DEMO_VERSION = 3  # 2: 600 RSNA-style images (was 200), RSNA and cytology on their own random streams; 3: a MIMIC test split
 LOBES = {  # (centre u, centre v) in the phantom's [-1, 1] frame; the patient's right is the image's left
     "right upper lobe": (-0.38, -0.32), "right middle lobe": (-0.36, 0.08), "right lower lobe": (-0.40, 0.34),
     "left upper lobe": (0.40, -0.30), "left lower lobe": (0.42, 0.32),
@@ -1293,11 +1491,12 @@ def cell_image(rng, size, cls):
     return np.clip(img, 0, 1).astype(np.float32)
 
 
-def make_demo(out_dir, size=128, n_xray=240, n_rsna=600, n_cells=40, seed=0, quiet=False):
+def make_demo(out_dir, size=128, n_xray=240, n_xray_test=80, n_rsna=600, n_cells=40, seed=0, quiet=False):
     """Write the demo data set into out_dir and return a summary dict.
 
     out_dir/mimic/files/pXX/pSUBJECT/sSTUDY/<id>.dcm + sSTUDY.txt   image-report pairs (MIMIC-CXR layout)
     out_dir/mimic/mimic-cxr-2.0.0-chexpert.csv, -metadata.csv          CheXpert labels, views
+    out_dir/mimic/mimic-cxr-2.0.0-split.csv                            train / validate / test by patient
     out_dir/rsna/stage_2_train_images/<patientId>.dcm                  pneumonia set
     out_dir/rsna/stage_2_train_labels.csv                              one row per box
     out_dir/cytology/<herlev class>/<n>.png                            colour cell images
@@ -1308,8 +1507,18 @@ def make_demo(out_dir, size=128, n_xray=240, n_rsna=600, n_cells=40, seed=0, qui
     out = Path(out_dir)
     rng = np.random.default_rng(seed)  # the RSNA and cytology parts draw their own streams: resizing one changes no other
     mimic = out / "mimic"
-    rows = [_write_study(mimic, i, rng, size, seed) for i in range(n_xray)]
+    rows = [_write_study(mimic, i, rng, size, seed) for i in range(n_xray + n_xray_test)]
     n_m1, n_rle = _write_mimic_csvs(mimic, rows)
+    # the split, by patient (two studies each): the first n_xray studies 80 / 20 train / validate (ConVIRT's
+    # pretraining pairs and its held-out set, on which the demo defaults were chosen), the studies written
+    # after them the test split, which no choice has seen
+    subjects = [r[1]["subject_id"] for r in rows[:n_xray]]
+    _, val = patient_split(subjects, (0.8, 0.2), seed=seed)
+    val = {subjects[i] for i in val}
+    _write_csv(mimic / "mimic-cxr-2.0.0-split.csv", ["dicom_id", "study_id", "subject_id", "split"],
+               [{**{k: r[1][k] for k in ("dicom_id", "study_id", "subject_id")},
+                 "split": "test" if i >= n_xray else "validate" if r[1]["subject_id"] in val else "train"}
+                for i, r in enumerate(rows)])
 
     rsna = out / "rsna"
     rng = np.random.default_rng([seed, 1])
@@ -1342,15 +1551,16 @@ def make_demo(out_dir, size=128, n_xray=240, n_rsna=600, n_cells=40, seed=0, qui
             a = cell_image(rng, size, cls)
             Image.fromarray(np.rint(a * 255).astype(np.uint8)).save(cyto / cls / f"{cls}_{j:03d}.png")
     summary = {"version": DEMO_VERSION, "size": size, "seed": seed, "seconds": round(time.time() - t0, 1),
-               "mimic": {"studies": n_xray, "patients": (n_xray + 1) // 2, "monochrome1": n_m1, "rle": n_rle,
-                         "path": str(mimic)},
+               "mimic": {"studies": len(rows), "patients": (len(rows) + 1) // 2, "test_studies": n_xray_test,
+                         "monochrome1": n_m1, "rle": n_rle, "path": str(mimic)},
                "rsna": {"images": n_rsna, "positive": n_pos, "box_rows": len(box_rows), "path": str(rsna)},
                "cytology": {"classes": len(HERLEV_CLASSES), "images": n_cells * len(HERLEV_CLASSES), "path": str(cyto)}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     if not quiet:
         print(f"demo data written to {out} in {summary['seconds']} s")
-        print(f"  mimic/    {n_xray} studies of {summary['mimic']['patients']} patients, DICOM {size}x{size} "
-              f"({n_m1} MONOCHROME1, {n_rle} RLE), MIMIC-style reports, CheXpert label CSV")
+        print(f"  mimic/    {len(rows)} studies of {summary['mimic']['patients']} patients, DICOM {size}x{size} "
+              f"({n_m1} MONOCHROME1, {n_rle} RLE), MIMIC-style reports, CheXpert label CSV, split CSV "
+              f"({n_xray_test} test studies)")
         print(f"  rsna/     {n_rsna} DICOMs, {n_pos} with pneumonia, {len(box_rows)} label rows (one per box)")
         print(f"  cytology/ {n_cells * len(HERLEV_CLASSES)} colour PNGs in {len(HERLEV_CLASSES)} Herlev class folders")
     return summary
@@ -1456,33 +1666,45 @@ def demo_root(size=128):
     return root
 
 
-def demo_pairs(size=128):
-    """(paths, reports, patient ids) of the demo image-report set."""
-    return mimic_cxr_pairs(demo_root(size) / "mimic")
+def demo_pairs(size=128, split="train"):
+    """(paths, reports, patient ids) of the demo image-report set's official-style split: 'train' (192
+    studies: what the demo pretrains on), 'validate' (48: ConVIRT's held-out retrieval set, on which the
+    demo defaults were chosen), 'test' (80: scored only), or None for all 320."""
+    root = demo_root(size) / "mimic"
+    return mimic_cxr_pairs(root, split_csv=root / "mimic-cxr-2.0.0-split.csv" if split else None, split=split)
 
 
 def demo_images(kind="xray", size=128):
-    """Paths of the demo's unlabelled images: 'xray' (the MIMIC-style DICOMs) or 'cytology'."""
+    """Paths of the demo images the pretraining scripts use: 'xray' (the MIMIC-style DICOMs) or
+    'cytology'. Only each evaluation's train split: no image of a patient that finetune.py validates
+    or tests on is ever pretrained on."""
     if kind == "xray":
-        return demo_pairs(size)[0]
+        return demo_pairs(size, "train")[0]
     if kind == "cytology":
-        return find_images(demo_root(size) / "cytology")
+        paths, _, _, ids = demo_labelled("cytology", size)
+        return [paths[i] for i in eval_split(ids)[0]]
     raise ValueError(f"unknown demo set {kind!r}: choose xray or cytology")
 
 
-def demo_labelled(task, size=128):
+def demo_labelled(task, size=128, without_test=False):
     """(paths, labels, class names, patient ids) of a demo classification task:
-    'rsna' (pneumonia yes/no), 'cytology' (7 Herlev classes), 'cytology-2class'."""
+    'rsna' (pneumonia yes/no), 'cytology' (7 Herlev classes), 'cytology-2class'.
+    without_test: leave out finetune.py's test patients (for monitors, which must not see them)."""
     root = demo_root(size)
     if task == "rsna":
         labels = read_rsna_labels(root / "rsna" / "stage_2_train_labels.csv")
         ids = sorted(labels)
         paths = [str(root / "rsna" / "stage_2_train_images" / f"{i}.dcm") for i in ids]
-        return paths, np.asarray([labels[i] for i in ids], np.int64), ["no pneumonia", "pneumonia"], ids
-    if task in ("cytology", "cytology-2class"):
+        out = paths, np.asarray([labels[i] for i in ids], np.int64), ["no pneumonia", "pneumonia"], ids
+    elif task in ("cytology", "cytology-2class"):
         paths, labels, names = read_class_folders(root / "cytology", "herlev-2class" if task.endswith("2class") else None)
-        return paths, labels, names, paths
-    raise ValueError(f"unknown demo task {task!r}: choose rsna, cytology or cytology-2class")
+        out = paths, labels, names, paths
+    else:
+        raise ValueError(f"unknown demo task {task!r}: choose rsna, cytology or cytology-2class")
+    if without_test:
+        keep = np.sort(np.concatenate(eval_split(out[3])[:2]))
+        out = [out[0][i] for i in keep], out[1][keep], out[2], [out[3][i] for i in keep]
+    return out
 
 
 # ----------------------------------------------------------------------------------

@@ -14,12 +14,17 @@ matrices; ROC and AUC-vs-fraction figures; optional t-SNE + clustering of the em
 
 Checkpoints come from convirt.py, simclr.py, byol.py and barlow.py: their `encoder` entry is the image
 encoder under torchvision's key names. Splits are patient-level (train / val / test = 60 / 20 / 20 %,
-split seed 0, the same for every method); the test split is used once per cell, after model
-selection on val. Each finished cell is written to results.json at once, so a crash loses nothing
-and --resume skips what is done (a checkpoint re-trained since, same name and path, is evaluated again).
+split seed 0, the same for every method; MIMIC's official split with --split-csv); the test split is
+used once per cell, after model selection on val, and each test metric gets a 95 % bootstrap
+interval. split.json records the patients of each split and the images of each label fraction with
+their sha256; --split FILE scores on exactly those. --score val scores the val split instead (the
+train split split again for the probe's choices) and never reads test: for choosing settings.
+Each finished cell is written to results.json at once, so a crash loses nothing and --resume skips
+what is done (a checkpoint re-trained since, same name and path, is evaluated again).
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -71,6 +76,17 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", default=None, help="output folder (default runs/finetune-TIME)")
     p.add_argument("--resume", action="store_true", help="skip the cells already in --out/results.json")
+    p.add_argument("--split", default=None,
+                   help="split.json of an earlier run: the same patients per split and the same images per label "
+                        "fraction (default: 60/20/20 by patient, seed 0; MIMIC's official split with --split-csv)")
+    p.add_argument("--split-csv", default=None,
+                   help="chexpert task: MIMIC-CXR's mimic-cxr-2.0.0-split.csv (train / validate / test), so no patient "
+                        "that convirt.py pretrained on is tested on (the demo CheXpert task uses its own)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="resamples of the test split for each metric's 95 %% interval (0: none)")
+    p.add_argument("--score", default="test", choices=["test", "val"],
+                   help="test: the final table. val: for choosing settings; the train split is split again 80/20 by "
+                        "patient for the probe's own choices, val is scored, and the test split is never read")
     args = p.parse_args(argv)
     args.size = args.size if args.size is not None else (224 if args.data else 64)
     if not args.ckpt and not args.init:
@@ -174,6 +190,65 @@ def metrics(kind, y, s, thresholds=None, mask=None):
             "per_class_auc": per, "threshold": [float(x) for x in t]}
 
 
+def rank_auc(y, s):
+    """ROC AUC as the Mann-Whitney statistic with tied scores sharing their mean rank (what
+    sklearn's roc_auc_score gives), fast enough for a thousand bootstrap resamples; None without
+    both labels."""
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    _, inv, counts = np.unique(s, return_inverse=True, return_counts=True)
+    mean_rank = np.cumsum(counts) - (counts - 1) / 2  # 1-based ranks, ties averaged
+    return float((mean_rank[inv][y > 0].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def bootstrap(kind, y, s, thresholds, mask=None, n=1000, seed=0):
+    """AUC and F1 of n resamples (with replacement) of the scored images, the metrics() definitions at
+    fixed thresholds. The resamples depend only on (seed, number of images), so every cell of a table
+    shares them, and an interval over seeds pairs them resample by resample."""
+    rng = np.random.default_rng(seed)
+    mask = None if mask is None else np.asarray(mask)
+    aucs, f1s = [], []
+    for _ in range(n):
+        i = rng.integers(0, len(y), len(y))
+        yb, sb = y[i], s[i]
+        if kind == "binary":
+            pred = sb >= thresholds
+            per_auc = [rank_auc(yb, sb)]
+            per_f1 = [_f1(yb > 0, pred)]
+        elif kind == "multiclass":
+            pred = sb.argmax(1)
+            per_auc = [rank_auc((yb == c).astype(int), sb[:, c]) for c in range(sb.shape[1])]
+            per_f1 = [_f1(yb == c, pred == c) for c in range(sb.shape[1])]
+        else:
+            mb = np.ones_like(yb) if mask is None else mask[i]
+            per_auc, per_f1 = [], []
+            for c in range(yb.shape[1]):
+                m = mb[:, c] > 0
+                per_auc.append(rank_auc(yb[m, c], sb[m, c]))
+                per_f1.append(_f1(yb[m, c] > 0, sb[m, c] >= thresholds[c]))
+        valid = [a for a in per_auc if a is not None]
+        aucs.append(float(np.mean(valid)) if valid else None)
+        f1s.append(float(np.mean(per_f1)))
+    return aucs, f1s
+
+
+def _f1(y, pred):
+    tp = np.sum(y & pred)
+    denom = 2 * tp + np.sum(~y & pred) + np.sum(y & ~pred)
+    return float(2 * tp / denom) if denom else 0.0  # sklearn's zero_division=0
+
+
+def interval(boots):
+    """The 95 % percentile interval of the seeds' mean, resample by resample; None without resamples."""
+    if not boots or any(b is None for b in boots):
+        return None
+    a = np.asarray([[np.nan if v is None else v for v in b] for b in boots], np.float64).mean(0)
+    a = a[~np.isnan(a)]
+    return [float(np.percentile(a, 2.5)), float(np.percentile(a, 97.5))] if len(a) else None
+
+
 def choose_thresholds(kind, y, s, mask=None):
     if kind == "binary":
         return best_f1_threshold(y, s)
@@ -212,10 +287,14 @@ def results_table(cells, methods, fractions):
             row = []
             for f in fractions:
                 cs = [c for c in cells if c["mode"] == mode and c["method"] == m and c["fraction"] == f]
-                row.append(f"{summarize([c['f1'] for c in cs])} / {summarize([c['auc'] for c in cs])}" if cs else "")
+                ci = {k: interval([c.get(f"{k}_boot") for c in cs]) for k in ("f1", "auc")}
+                cell = {k: summarize([c[k] for c in cs]) + (f" [{ci[k][0]:.2f}, {ci[k][1]:.2f}]" if ci[k] else "")
+                        for k in ("f1", "auc")}
+                row.append(f"{cell['f1']} / {cell['auc']}" if cs else "")
             lines.append(f"| {m} | " + " | ".join(row) + " |")
         lines.append("")
-    return "\n".join(lines) + "\nCells: F1 / AUC (mean ± std over seeds); F1 at the threshold that maximises it on val.\n"
+    return "\n".join(lines) + ("\nCells: F1 / AUC, mean ± std over seeds [95 % bootstrap interval of that mean over the "
+                               "scored images]; F1 at the threshold that maximises it on val.\n")
 
 
 def cluster_scores(features, labels, seed=0):
@@ -331,6 +410,67 @@ def load_task(args):
     if len(np.unique(labels)) < 2:
         raise ValueError(f"the task has one class only ({names}): nothing to classify")
     return paths, labels, None, names, ids, ("binary" if len(names) == 2 else "multiclass")
+
+
+def image_keys(paths):
+    """Each image's path relative to the images' common folder: how a split file names images, the
+    same wherever another group keeps the data."""
+    full = [os.path.abspath(p) for p in paths]
+    root = os.path.commonpath(full) if len(full) > 1 else os.path.dirname(full[0])
+    return [os.path.relpath(p, root) for p in full]
+
+
+def split_hash(record):
+    body = json.dumps({"patients": record["patients"], "fractions": record["fractions"]}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def make_split(args, paths, ids, labels, kind):
+    """(train, val, test, {(fraction, seed): positions in train}, the split record for split.json).
+
+    The split is --split FILE's patients, else MIMIC's official split (--split-csv; the demo CheXpert
+    task's own), else data.eval_split (60 / 20 / 20 by patient, seed 0). With --score val the train
+    split is split again 80 / 20 by patient and val is scored in test's place. The record lists the
+    patients of each split and the images of each label fraction, with a hash of both, so another
+    group can score on exactly these patients (--split) and both can check the hash."""
+    keys = image_keys(paths)
+    pids = [k if str(i) == str(p) else str(i) for i, p, k in zip(ids, paths, keys)]  # path-named patients by key
+    given = None
+    if args.split:
+        given = json.loads(Path(args.split).read_text())
+        if split_hash(given) != given.get("sha256"):
+            raise ValueError(f"{args.split}: its sha256 does not match its lists: the file was edited after it was written")
+        role = {p: name for name in ("train", "val", "test") for p in given["patients"][name]}
+        missing = sorted({p for p in pids if p not in role})
+        if missing:
+            raise ValueError(f"{args.split}: {len(missing)} patient(s) of this task are in none of its splits, e.g. "
+                             f"{missing[0]!r}: another task or data set?")
+        parts = [np.asarray([i for i, p in enumerate(pids) if role[p] == name], np.int64) for name in ("train", "val", "test")]
+    else:
+        csv = args.split_csv or (data.demo_root() / "mimic" / "mimic-cxr-2.0.0-split.csv"
+                                 if args.data is None and args.task == "chexpert" else None)
+        parts = data.official_split(paths, csv) if csv else data.eval_split(ids)
+    tr, va, te = parts
+    if args.score == "val":  # choosing settings: val is scored in test's place, and test is never read
+        inner_tr, inner_va = data.patient_split([ids[i] for i in tr], (0.8, 0.2), seed=0)
+        tr, va, te = tr[inner_tr], tr[inner_va], va
+    fractions, listed = {}, (given or {}).get("fractions", {}) if (given or {}).get("scored") == args.score else {}
+    position = {keys[i]: j for j, i in enumerate(tr)}
+    for f in args.fractions:
+        for seed in args.seeds:
+            if f"{f:g}/{seed}" in listed:
+                unknown = [k for k in listed[f"{f:g}/{seed}"] if k not in position]
+                if unknown:
+                    raise ValueError(f"{args.split}: label fraction {f:g} seed {seed} names {len(unknown)} image(s) outside "
+                                     f"the train split, e.g. {unknown[0]!r}")
+                fractions[(f, seed)] = np.asarray(sorted(position[k] for k in listed[f"{f:g}/{seed}"]), np.int64)
+            else:
+                fractions[(f, seed)] = data.label_fraction(labels[tr] if kind != "multilabel" else (labels[tr] > 0), f, seed)
+    record = {"task": args.task, "scored": args.score,
+              "patients": {n: sorted({pids[i] for i in idx}) for n, idx in zip(("train", "val", "test"), parts)},
+              "fractions": {**listed, **{f"{f:g}/{s}": sorted(keys[tr[j]] for j in pos) for (f, s), pos in fractions.items()}}}
+    record["sha256"] = split_hash(record)
+    return tr, va, te, fractions, record
 
 
 def to_device(x, device):
@@ -498,7 +638,8 @@ def main(argv=None):
         name, path = spec.split("=", 1) if "=" in spec else (Path(spec).parent.name, spec)
         load_encoder(path, args.arch)  # fail now, before any work, on a wrong file or arch
         rows.append((name, ("ckpt", path)))
-    tr, va, te = data.patient_split(ids, (0.6, 0.2, 0.2), seed=0)
+    tr, va, te, fraction_sets, split_record = make_split(args, paths, ids, labels, kind)
+    atomic_json(split_record, out / "split.json")
     for split, idx in (("train", tr), ("val", va), ("test", te)):
         y = labels[idx]
         if kind != "multilabel" and len(np.unique(y)) < len(names):
@@ -517,21 +658,22 @@ def main(argv=None):
     source_of = {n: f"init:{w}" if src == "init" else source_id(w) for n, (src, w) in rows}
 
     def same_weights(c):  # cells written before sources were recorded carry none, and are kept; so are other rows'
-        return "source" not in c or c["method"] not in source_of or c["source"] == source_of[c["method"]]
+        same = "source" not in c or c["method"] not in source_of or c["source"] == source_of[c["method"]]
+        return same and c.get("scored", "test") == args.score
 
     stale = [c for c in results if not same_weights(c)]
     if stale:
-        print(f"--resume: {len(stale)} cell(s) of {sorted({c['method'] for c in stale})} came from other weights: re-evaluated")
+        print(f"--resume: {len(stale)} cell(s) of {sorted({c['method'] for c in stale})} came from other weights "
+              "or another --score: re-evaluated")
         results = [c for c in results if same_weights(c)]
     done = {(c["method"], c["mode"], c["fraction"], c["seed"]) for c in results}
-    fraction_sets = {(f, s): data.label_fraction(labels[tr] if kind != "multilabel" else (labels[tr] > 0), f, s)
-                     for f in args.fractions for s in args.seeds}
     n_out = labels.shape[1] if kind == "multilabel" else (1 if kind == "binary" else len(names))
     ft_aug = T.Compose([T.RandomResizedCrop(args.size, scale=(0.8, 1.0), antialias=True), data.ToRGBNormalized()])
     ft_targets = [(labels[i], mask_all[i] if mask_all is not None else np.float32(1)) for i in range(len(paths))]
     curves = {}
     print(f"finetune: task {args.task} ({kind}, {len(names)} classes), {len(paths)} images "
-          f"(train {len(tr)} / val {len(va)} / test {len(te)}), rows {[r[0] for r in rows]}, modes {args.mode}")
+          f"(train {len(tr)} / val {len(va)} / {'test' if args.score == 'test' else 'scored: the val split'} {len(te)}), "
+          f"rows {[r[0] for r in rows]}, modes {args.mode}; split {out / 'split.json'} (sha256 {split_record['sha256'][:16]})")
     for name, (src, what) in rows:
         def fresh():
             if src == "init":
@@ -565,12 +707,16 @@ def main(argv=None):
                         s_va, s_te = predict(net, loader_of(va), kind, device, amp), predict(net, loader_of(te), kind, device, amp)
                     thr = choose_thresholds(kind, labels[va], s_va, pick(mask_all, va))
                     m = metrics(kind, labels[te], s_te, thr, pick(mask_all, te))
-                    m.update(method=name, source=source_of[name], mode=mode, fraction=f, seed=seed, n_train=int(len(sub)),
+                    if args.bootstrap:
+                        m["auc_boot"], m["f1_boot"] = bootstrap(kind, labels[te], s_te, thr, pick(mask_all, te), args.bootstrap)
+                        m["auc_ci"], m["f1_ci"] = interval([m["auc_boot"]]), interval([m["f1_boot"]])
+                    m.update(method=name, source=source_of[name], scored=args.score, mode=mode, fraction=f, seed=seed, n_train=int(len(sub)),
                              confusion=confusion(kind, labels[te], s_te, thr))
                     results.append(m)
                     atomic_json(results, out / "results.json")  # each finished cell is safe at once
                     print(f"  {name:>12} {mode:>8} {f:>5g} seed {seed}: F1 {m['f1']:.3f}  AUC "
-                          f"{m['auc'] if m['auc'] is None else round(m['auc'], 3)}  (n_train {len(sub)})")
+                          f"{m['auc'] if m['auc'] is None else round(m['auc'], 3)}"
+                          + (f" {np.round(m['auc_ci'], 3).tolist()}" if m.get("auc_ci") else "") + f"  (n_train {len(sub)})")
                     if f == max(args.fractions) and seed == args.seeds[0]:
                         curves[(name, mode)] = (s_te, net)
         if args.embed and feats is not None:
@@ -579,7 +725,8 @@ def main(argv=None):
     methods = [r[0] for r in rows]
     table = results_table(results, methods, args.fractions)
     tmp = out / "results.md.tmp"
-    tmp.write_text(f"# {args.task}: {len(names)} classes, test n = {len(te)}\n\n{table}")
+    tmp.write_text(f"# {args.task}: {len(names)} classes, {args.score} n = {len(te)}, split sha256 "
+                   f"{split_record['sha256'][:16]} (split.json)\n\n{table}")
     os.replace(tmp, out / "results.md")
     write_csv(results, out / "results.csv")
     print("\n" + table)
@@ -592,7 +739,7 @@ def main(argv=None):
 def write_csv(results, path):
     import csv
 
-    keys = ["method", "mode", "fraction", "seed", "n_train", "auc", "f1", "acc"]
+    keys = ["method", "mode", "fraction", "seed", "n_train", "auc", "f1", "acc", "auc_ci", "f1_ci"]
     tmp = f"{path}.tmp"
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, keys, extrasaction="ignore")

@@ -53,19 +53,19 @@ def get_args(argv=None):
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed each epoch) instead of stopping")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     # model
-    p.add_argument("--arch", default=None, choices=["resnet18", "resnet50"], help="encoder (default resnet50; resnet18 on the demo)")
+    p.add_argument("--arch", default=None, choices=["resnet18", "resnet50"], help="encoder (default resnet50, as in SimCLR; resnet18 on the demo)")
     p.add_argument("--weights", default="none", choices=["imagenet", "none"], help="encoder initialisation")
-    p.add_argument("--proj-hidden", type=int, default=2048, help="hidden width of the projection MLP")
-    p.add_argument("--proj-dim", type=int, default=128, help="output width of the projection MLP")
+    p.add_argument("--proj-hidden", type=int, default=2048, help="hidden width of the projection MLP (SimCLR: 2048)")
+    p.add_argument("--proj-dim", type=int, default=128, help="output width of the projection MLP (SimCLR: 128)")
     # loss
-    p.add_argument("--temperature", type=float, default=0.1, help="NT-Xent temperature")
+    p.add_argument("--temperature", type=float, default=0.1, help="NT-Xent temperature (SimCLR: 0.1 for its large batches)")
     # optimisation
-    p.add_argument("--epochs", type=int, default=None, help="passes over the data (default 100; 60 on the demo)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch, split over torchrun processes (default 64; 32 on the demo)")
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "lars"], help="AdamW, or LARS for large batches")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (LARS: 0.3 x batch / 256)")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (LARS: 1e-6 in the paper)")
-    p.add_argument("--warmup", type=float, default=0.05, help="warm-up, as a fraction of all steps")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the data (default 100, SimCLR's ablations; 1000 for its best; 60 on the demo)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch, split over torchrun processes (default 64, one GPU's share; SimCLR: 4096 with LARS; 32 on the demo)")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "lars"], help="AdamW (small batches), or LARS (SimCLR's, for large batches)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (AdamW; SimCLR: LARS at 0.3 x batch / 256)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (AdamW; SimCLR: 1e-6 with LARS)")
+    p.add_argument("--warmup", type=float, default=0.05, help="warm-up, as a fraction of all steps, then cosine (SimCLR: 10 epochs, then cosine)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit; for smoke tests)")
     # running
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -93,7 +93,7 @@ def get_args(argv=None):
     demo = args.data is None
     args.arch = args.arch or ("resnet18" if demo else "resnet50")
     args.size = args.size if args.size is not None else (64 if demo else 224)
-    # the demo sets have 240-280 images: a smaller batch gives the steps these methods need in a few minutes
+    # the demo's train splits have 168-192 images: a smaller batch gives the steps these methods need in minutes
     args.epochs = args.epochs if args.epochs is not None else (60 if demo else 100)
     args.batch_size = args.batch_size if args.batch_size is not None else (32 if demo else 64)
     if demo:  # with --data and no --aug, main() picks the preset from the images
@@ -247,9 +247,10 @@ def atomic_save(obj, path):
 
 
 def labelled_eval_set(spec, demo_kind):
-    """(paths, labels, group ids) for the kNN monitor: the demo's labels, class folders, or a CSV."""
+    """(paths, labels, group ids) for the kNN monitor: the demo's labels (without finetune.py's test
+    patients), class folders, or a CSV."""
     if spec == "demo":
-        paths, labels, _, ids = data.demo_labelled("cytology" if demo_kind == "cytology" else "rsna")
+        paths, labels, _, ids = data.demo_labelled("cytology" if demo_kind == "cytology" else "rsna", without_test=True)
         return paths, labels, ids
     if spec.endswith(".csv"):
         paths, labels, _ = data.read_label_csv(spec)

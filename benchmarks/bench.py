@@ -56,6 +56,9 @@ def get_args(argv=None):
     p.add_argument("--loader", action="store_true", help="also time the data pipeline (decode + augmentation)")
     p.add_argument("--loader-images", type=int, default=512, help="images the loader benchmark reads an epoch (the demo's, repeated)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers for the loader benchmark")
+    p.add_argument("--augment", action="store_true",
+                   help="also time augmentation alone: torchvision per image (one CPU thread, as in a DataLoader worker) "
+                        "against data.BatchAugment on the whole batch on --device")
     p.add_argument("--out", default="benchmarks/results.json", help="JSON results")
     return p.parse_args(argv)
 
@@ -227,6 +230,31 @@ def bench_loader(args):
     return out
 
 
+def bench_augment(args, device):
+    """Images/s of one augmented view: ssl_transform image by image on one thread (what each DataLoader
+    worker does today) against BatchAugment on the batch on `device`, from uint8 cache reads a little
+    larger than the crop (8/7 of the side: 256 for 224)."""
+    out = []
+    side = round(args.size * 8 / 7)
+    for preset, ch in (("xray", 1), ("cytology-B", 3), ("simclr", 3)):
+        x8 = (torch.rand(args.batch_size, ch, side, side) * 255).to(torch.uint8)
+        per_image = data.ssl_transform(preset, args.size, ch)
+        small = torch.nn.functional.interpolate(x8.float() / 255, size=args.size, mode="bilinear", antialias=True)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        t = time.perf_counter()
+        for img in small:
+            per_image(img)
+        cpu_rate = len(small) / (time.perf_counter() - t)
+        torch.set_num_threads(threads)
+        aug, x = data.BatchAugment(preset, args.size, ch), x8.to(device)
+        g = torch.Generator(device=device).manual_seed(0)
+        batched = rate(lambda: aug(x, g), args.batch_size, args, device)
+        out.append({"preset": preset, "per_image_1_thread_img_per_s": round(cpu_rate, 1),
+                    "batched_img_per_s": round(batched, 1), "device": str(device)})
+    return out
+
+
 def main(argv=None):
     args = get_args(argv)
     device = torch.device(args.device)
@@ -263,6 +291,12 @@ def main(argv=None):
         print("| pipeline | source | workers | img/s |\n|---|---|---|---|")
         for r in results["loader"]:
             print(f"| {r['pipeline']} | {r['source']} | {r['workers']} | {r['img_per_s']} |")
+    if args.augment:
+        results["augment"] = bench_augment(args, device)
+        print(f"\nAugmentation alone, one view, {args.size} px, batch {args.batch_size}:")
+        print(f"| preset | torchvision per image, 1 thread, img/s | BatchAugment on {device}, img/s |\n|---|---|---|")
+        for r in results["augment"]:
+            print(f"| {r['preset']} | {r['per_image_1_thread_img_per_s']} | {r['batched_img_per_s']} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"\nresults: {args.out}")

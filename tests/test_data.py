@@ -327,11 +327,11 @@ def test_chexpert_bad_value_and_policy(tmp_path):
 def test_mimic_chexpert_join_on_demo(demo):
     paths, y, m = data.read_chexpert_labels(demo / "mimic" / "mimic-cxr-2.0.0-chexpert.csv", "ignore",
                                             image_root=demo / "mimic")
-    pairs = data.demo_pairs()[0]
+    pairs = data.demo_pairs(split=None)[0]
     assert sorted(paths) == sorted(pairs) and y.shape == (len(paths), 14)
     # a study whose report says consolidation has Consolidation = 1
     cons = data.CHEXPERT_14.index("Consolidation")
-    reports = dict(zip(data.demo_pairs()[0], data.demo_pairs()[1]))
+    reports = dict(zip(*data.demo_pairs(split=None)[:2]))
     for p, row in zip(paths[:40], y[:40]):
         findings = data.parse_report(reports[p])["findings"]
         says = any(w in findings for w in ("consolidation in the", "opacity is present", "Patchy consolidation"))
@@ -517,8 +517,8 @@ def test_clahe_flag_needs_scikit_image_or_works():
 # ------------------------------------------------------------------------- demo data
 
 def test_demo_layout_and_determinism(demo, tmp_path):
-    paths, reports, patients = data.demo_pairs()
-    assert len(paths) == 240 and len(set(patients)) == 120
+    paths, reports, patients = data.demo_pairs(split=None)
+    assert len(paths) == 320 and len(set(patients)) == 160
     assert all(p.endswith(".dcm") for p in paths)
     kinds = {pydicom.dcmread(p, stop_before_pixels=True).PhotometricInterpretation for p in paths[:40]}
     assert kinds == {"MONOCHROME1", "MONOCHROME2"}
@@ -528,11 +528,34 @@ def test_demo_layout_and_determinism(demo, tmp_path):
     assert rows > len(rsna) and 0 < sum(rsna.values()) < len(rsna)  # multi-box rows exist
     # same seed, same bytes of pixels; the small version is quick
     a, b = tmp_path / "a", tmp_path / "b"
-    data.make_demo(a, size=32, n_xray=4, n_rsna=4, n_cells=1, quiet=True)
-    data.make_demo(b, size=32, n_xray=4, n_rsna=4, n_cells=1, quiet=True)
+    data.make_demo(a, size=32, n_xray=4, n_xray_test=2, n_rsna=4, n_cells=1, quiet=True)
+    data.make_demo(b, size=32, n_xray=4, n_xray_test=2, n_rsna=4, n_cells=1, quiet=True)
     pa, pb = sorted(a.rglob("*.dcm")), sorted(b.rglob("*.dcm"))
     assert [p.relative_to(a) for p in pa] == [p.relative_to(b) for p in pb]
     assert all(np.array_equal(data.load_dicom(x), data.load_dicom(y)) for x, y in zip(pa, pb))
+
+
+def test_demo_split_keeps_the_pretraining_pairs_and_adds_unseen_test_patients(demo):
+    # MIMIC's official split file, by patient: the first 240 studies' patients dealt 80 / 20 into train /
+    # validate exactly as ConVIRT's demo split them before the file existed (so its measured runs stand),
+    # and 80 studies of 40 new patients as the test split, which no demo choice has seen
+    train, validate, test = (data.demo_pairs(split=s) for s in ("train", "validate", "test"))
+    assert (len(train[0]), len(validate[0]), len(test[0])) == (192, 48, 80)
+    assert not set(train[2]) & set(validate[2]) and not (set(train[2]) | set(validate[2])) & set(test[2])
+    first = data.demo_pairs(split=None)
+    first = [(p, q) for p, q in zip(first[0], first[2]) if q not in set(test[2])]
+    tr, va = data.patient_split([q for _, q in first], (0.8, 0.2), seed=0)
+    assert [first[i][0] for i in tr] == train[0] and [first[i][0] for i in va] == validate[0]
+    assert [int(q[1:]) for q in sorted(set(test[2]))] == list(range(10000120, 10000160))
+
+
+def test_official_split_reads_the_split_csv_and_names_a_missing_row(tmp_path):
+    csv = tmp_path / "split.csv"
+    csv.write_text("dicom_id,study_id,subject_id,split\na,1,1,train\nb,2,2,validate\nc,3,3,test\nd,4,4,train\n")
+    parts = data.official_split(["x/d.dcm", "x/c.dcm", "x/a.jpg", "x/b.dcm"], csv)
+    assert [p.tolist() for p in parts] == [[0, 2], [3], [1]]
+    with pytest.raises(ValueError, match="1 images have no row.*e.dcm"):
+        data.official_split(["x/a.dcm", "x/e.dcm"], csv)
 
 
 def test_demo_pixels_carry_the_findings(demo):
@@ -596,3 +619,81 @@ def test_preset_for_follows_the_images(tmp_path, demo):
     assert data.preset_for(data.demo_images("xray")[:4]) == "xray"  # DICOM
     assert data.preset_for([str(tmp_path / "c.png")]) == "cytology-A"
     assert data.preset_for(data.demo_images("cytology")[:4]) == "cytology-A"
+
+
+# ------------------------------------------------------------------ batched augmentation (BatchAugment)
+
+def _whole_crop(q, n, side):
+    q["crop"] = (torch.zeros(n), torch.zeros(n), torch.full((n,), float(side)), torch.full((n,), float(side)))
+    return q
+
+
+@pytest.mark.parametrize("preset", data.PRESETS)
+def test_batch_augment_draws_per_image_and_replays_from_its_generator(preset):
+    colour = preset.startswith("cytology") or preset == "simclr"
+    aug = data.BatchAugment(preset, 32, 3 if colour else 1)
+    one = torch.rand(1, 3 if colour else 1, 40, 40)
+    x = one.expand(8, -1, -1, -1).contiguous()  # eight copies of one image
+    y = aug(x, torch.Generator().manual_seed(0))
+    assert y.shape == (8, 3, 32, 32) and torch.isfinite(y).all()
+    assert all(not torch.equal(y[0], y[i]) for i in range(1, 8))  # each copy got its own parameters
+    assert torch.equal(y, aug(x, torch.Generator().manual_seed(0)))  # a fixed generator replays the batch
+    assert not torch.equal(y, aug(x, torch.Generator().manual_seed(1)))
+    u8 = (one * 255).round().to(torch.uint8).expand(8, -1, -1, -1)  # the decode cache's uint8 reads the same
+    assert torch.allclose(aug(u8, torch.Generator().manual_seed(0)), aug(u8.float() / 255, torch.Generator().manual_seed(0)))
+
+
+def test_batch_augment_crop_and_flips_agree_with_torchvision_per_image():
+    import torchvision.transforms.v2.functional as TF
+
+    n, side, size = 8, 72, 64
+    x = torch.rand(n, 1, side, side)
+    aug = data.BatchAugment("cytology-A", size, 1)
+    q = aug.sample(torch.Generator().manual_seed(1), n, side)
+    y = aug.apply(x, q)[:, :1] * data.IMAGENET_STD[0] + data.IMAGENET_MEAN[0]  # gray, before its copy to 3 channels
+    top, left, h, w = (t.int().tolist() for t in q["crop"])
+    assert all(0.5 * side**2 - 1 <= hh * ww <= side**2 and 3 / 4 - 0.05 <= ww / hh <= 4 / 3 + 0.05 for hh, ww in zip(h, w))
+    for i in range(n):
+        ref = TF.resized_crop(x[i], top[i], left[i], h[i], w[i], [size, size], antialias=False)
+        ref = TF.vertical_flip(ref) if q["vflip"][i] else ref
+        ref = TF.horizontal_flip(ref) if q["hflip"][i] else ref
+        # interior: at the crop's edge one grid_sample over the whole image reads the pixel beyond it
+        assert torch.allclose(y[i, :, 1:-1, 1:-1], ref[:, 1:-1, 1:-1], atol=1e-5)
+
+
+def test_batch_augment_colour_jitter_blur_rotation_elastic_agree_with_torchvision():
+    import torchvision.transforms.v2.functional as TF
+
+    torch.manual_seed(0)
+    n, s = 6, 48
+    x = torch.rand(n, 3, s, s)
+    factors = [torch.rand(n) + 0.5, torch.rand(n) + 0.5, torch.rand(n) + 0.5, torch.rand(n) * 0.2 - 0.1]
+    order = torch.argsort(torch.rand(n, 4), 1)  # each image its own order of the four, as ColorJitter draws it
+    got = data.jitter_images(x, factors, order)
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for i in range(n):
+        ref = x[i]
+        for k in order[i].tolist():
+            ref = ops[k](ref, float(factors[k][i]))
+        assert torch.allclose(got[i], ref, atol=1e-5)
+    sigma = torch.rand(n) * 1.9 + 0.1
+    got = data._blur(x, sigma, 7)
+    for i in range(n):
+        assert torch.allclose(got[i], TF.gaussian_blur(x[i], [7, 7], [float(sigma[i])] * 2), atol=1e-5)
+    mean, std = torch.tensor(data.IMAGENET_MEAN)[:, None, None], torch.tensor(data.IMAGENET_STD)[:, None, None]
+    aug = data.BatchAugment("cytology-C", s, 3)  # the elastic field on an uncropped, unflipped image
+    q = _whole_crop(aug.sample(torch.Generator().manual_seed(2), n, s), n, s)
+    q["hflip"], q["vflip"] = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+    got = aug.apply(x, q) * std + mean
+    for i in range(n):
+        ref = TF.elastic(x[i], q["elastic"][i:i + 1].permute(0, 2, 3, 1))
+        assert torch.allclose(got[i, :, 2:-2, 2:-2], ref[:, 2:-2, 2:-2], atol=1e-5)
+    aug = data.BatchAugment("xray", s, 1)  # rotation alone: no blur, jitter or erasing
+    q = _whole_crop(aug.sample(torch.Generator().manual_seed(3), n, s), n, s)
+    q["angle"] = torch.tensor([5.0, -8.0, 0.0, 10.0, -3.0, 7.0])
+    off = torch.zeros(n, dtype=torch.bool)
+    q["blur"], q["jitter"], q["erase"] = (off, q["blur"][1]), (off,) + q["jitter"][1:], (off,) + q["erase"][1:]
+    got = aug.apply(x[:, :1], q)[:, :1] * data.IMAGENET_STD[0] + data.IMAGENET_MEAN[0]
+    for i in range(n):
+        ref = TF.rotate(x[i, :1], float(q["angle"][i]), interpolation=TF.InterpolationMode.BILINEAR)
+        assert torch.allclose(got[i, :, 3:-3, 3:-3], ref[:, 3:-3, 3:-3], atol=1e-5)

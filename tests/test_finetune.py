@@ -229,3 +229,98 @@ def test_size_defaults_to_224_with_real_data():
     assert finetune.get_args(["--init", "random"]).size == 64
     assert finetune.get_args(["--init", "random", "--data", "/data/rsna"]).size == 224
     assert finetune.get_args(["--init", "random", "--data", "/data/rsna", "--size", "96"]).size == 96
+
+
+# --------------------------------------------------------------- an honest protocol: splits and intervals
+
+@pytest.mark.parametrize("task", [["--task", "rsna"], ["--task", "chexpert"], ["--task", "folder"],
+                                  ["--task", "folder", "--grouping", "herlev-2class"]])
+def test_demo_pretraining_never_sees_an_evaluation_val_or_test_image(task, demo):
+    # What each script pretrains on at its demo defaults (simclr / byol: demo_images("xray"), with
+    # --demo cytology demo_images("cytology"); barlow: demo_images("cytology"); convirt: the pairs'
+    # train split) and what the kNN monitors read, against finetune.py's val and test images of every
+    # demo task. barlow.py used to pretrain on all 280 cytology images, the ones finetune.py tests on.
+    import data
+
+    args = finetune.get_args(["--init", "random", *task])
+    paths, labels, _, _, ids, kind = finetune.load_task(args)
+    _, va, te, _, _ = finetune.make_split(args, paths, ids, labels, kind)
+    held_out = {os.path.realpath(paths[i]) for i in np.concatenate([va, te])}
+    pretraining = {"xray": data.demo_images("xray"), "cytology": data.demo_images("cytology"),
+                   "convirt": data.demo_pairs(split="train")[0]}
+    for name, images in pretraining.items():
+        assert not held_out & {os.path.realpath(p) for p in images}, name
+    assert len(pretraining["cytology"]) == 168 and len(pretraining["xray"]) == 192
+    tested = {os.path.realpath(paths[i]) for i in te}
+    for monitor in ("rsna", "cytology"):  # the kNN monitors may read val, never test
+        assert not tested & {os.path.realpath(p) for p in data.demo_labelled(monitor, without_test=True)[0]}
+
+
+def test_rank_auc_hand_worked_and_against_sklearn():
+    # y = 0 1 0 1, s = .5 .5 .2 .9: of the 4 (positive, negative) pairs, (.5, .5) is a tie (1/2) and
+    # (.5, .2), (.9, .5), (.9, .2) are ordered (1 each): AUC = 3.5 / 4 = 0.875
+    assert finetune.rank_auc(np.array([0, 1, 0, 1]), np.array([0.5, 0.5, 0.2, 0.9])) == 0.875
+    assert finetune.rank_auc(np.array([1, 1]), np.array([0.1, 0.2])) is None
+    rng = np.random.default_rng(0)
+    y, s = rng.integers(0, 2, 300), rng.integers(0, 20, 300) / 20  # many ties
+    assert abs(finetune.rank_auc(y, s) - roc_auc_score(y, s)) < 1e-12
+
+
+def test_bootstrap_interval_pairs_resamples_and_brackets_the_estimate():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    s = y + rng.normal(0, 1.0, 200)
+    a1, f1 = finetune.bootstrap("binary", y, s, 0.5, n=300)
+    a2, _ = finetune.bootstrap("binary", y, s + 5, 5.5, n=300)  # a shifted score and threshold: the same resamples
+    assert a1 == a2 and len(a1) == 300
+    lo, hi = finetune.interval([a1])
+    point = finetune.metrics("binary", y, s, 0.5)
+    assert lo < point["auc"] < hi and hi - lo < 0.2
+    f_lo, f_hi = finetune.interval([f1])
+    assert f_lo < point["f1"] < f_hi
+    perfect = finetune.bootstrap("multiclass", np.arange(200) % 3, np.eye(3)[np.arange(200) % 3], "argmax", n=50)
+    assert finetune.interval([perfect[0]]) == [1.0, 1.0] and finetune.interval([perfect[1]]) == [1.0, 1.0]
+    # over seeds, the interval is of the seeds' mean, resample by resample
+    assert finetune.interval([[0.6, 0.8], [0.8, 0.6]]) == [0.7, 0.7]
+
+
+def test_split_file_round_trip_hash_and_errors(tmp_path, demo):
+    base = ["--init", "random", "--fractions", "0.1", "1.0", "--size", "32", "--workers", "0", "--bootstrap", "100"]
+    finetune.main([*base, "--out", str(tmp_path / "a")])
+    rec = json.loads((tmp_path / "a" / "split.json").read_text())
+    assert rec["scored"] == "test" and rec["sha256"] == finetune.split_hash(rec)
+    assert sum(map(len, rec["patients"].values())) == 600 and set(rec["fractions"]) == {"0.1/0", "1/0"}
+    assert rec["sha256"][:16] in (tmp_path / "a" / "results.md").read_text()
+    # another group: the file alone gives the same patients, the same label subsets, the same scores
+    finetune.main([*base, "--split", str(tmp_path / "a" / "split.json"), "--out", str(tmp_path / "b")])
+    assert json.loads((tmp_path / "b" / "split.json").read_text()) == rec
+    ra, rb = (json.loads((tmp_path / d / "results.json").read_text()) for d in "ab")
+    assert [(c["auc"], c["auc_ci"]) for c in ra] == [(c["auc"], c["auc_ci"]) for c in rb]
+    assert all(c["auc_ci"][0] <= c["auc"] <= c["auc_ci"][1] for c in ra)
+    edited = dict(rec, patients={**rec["patients"], "test": rec["patients"]["test"][1:]})
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match="edited after it was written"):
+        finetune.main([*base, "--split", str(tmp_path / "edited.json"), "--out", str(tmp_path / "c")])
+    edited["sha256"] = finetune.split_hash(edited)  # consistent, but one patient is in no split
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match="1 patient.* in none of its splits"):
+        finetune.main([*base, "--split", str(tmp_path / "edited.json"), "--out", str(tmp_path / "d")])
+
+
+def test_score_val_never_reads_the_test_split(tmp_path, demo, monkeypatch):
+    # choosing settings: the train split is split again, val is scored, and no test image is loaded
+    import data
+
+    seen = []
+    real_extract = finetune.extract
+    monkeypatch.setattr(finetune, "extract", lambda enc, loader, *a: seen.extend(loader.dataset.indices) or real_extract(enc, loader, *a))
+    args = ["--init", "random", "--fractions", "1.0", "--size", "32", "--workers", "0", "--bootstrap", "0"]
+    finetune.main([*args, "--score", "val", "--out", str(tmp_path / "v")])
+    paths, _, _, ids = data.demo_labelled("rsna")
+    _, va, te = data.eval_split(ids)
+    assert seen and not set(seen) & set(te.tolist()) and set(va.tolist()) <= set(seen)
+    cell = json.loads((tmp_path / "v" / "results.json").read_text())[0]
+    assert cell["scored"] == "val" and "val n = 120" in (tmp_path / "v" / "results.md").read_text()
+    # a --resume under the other --score re-evaluates rather than mixing the two
+    p = run_script("finetune.py", *args, "--out", tmp_path / "v", "--resume")
+    assert "another --score: re-evaluated" in p.stdout

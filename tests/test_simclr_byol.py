@@ -190,9 +190,9 @@ def test_every_augmentation_preset_runs(module, preset, tmp_path, demo):
 
 
 def test_exact_resume(tmp_path, demo):
-    # 240 images / batch 16 = 15 steps an epoch (simclr.py: the bare-resume test below, with workers)
+    # 192 train-split images / batch 16 = 12 steps an epoch (simclr.py: the bare-resume test below, with workers)
     check_exact_resume("byol.py", [*SMALL, "--proj-hidden", "64", "--epochs", "2", "--knn-every", "0", "--deterministic"],
-                       tmp_path, 15)
+                       tmp_path, 12)
 
 
 @pytest.mark.parametrize("module", [simclr, byol])
@@ -248,10 +248,10 @@ def test_bare_resume_continues_the_run_as_started_with_workers(tmp_path, demo):
     # kept, and with 2 DataLoader workers the same losses step for step (workers seeded per epoch)
     args = ["--size", "32", "--batch-size", "32", "--workers", "2", "--log-every", "1", "--proj-hidden", "64",
             "--epochs", "2", "--knn-every", "0", "--deterministic"]
-    check_exact_resume("simclr.py", args, tmp_path, 7, bare=True)  # 240 images / batch 32 = 7 steps an epoch
+    check_exact_resume("simclr.py", args, tmp_path, 6, bare=True)  # 192 train-split images / batch 32 = 6 steps an epoch
     cut = tmp_path / "cut"
     first = json.loads((cut / "args.json").read_text())
-    assert (first["batch_size"], first["epochs"], first["max_steps"], first["resume"]) == (32, 2, 7, False)
+    assert (first["batch_size"], first["epochs"], first["max_steps"], first["resume"]) == (32, 2, 6, False)
     record = [json.loads(x) for x in (cut / "resumes.jsonl").read_text().splitlines()]
     assert len(record) == 1 and record[0]["overrides"] == {}
     # a flag given again overrides the saved one and is said
