@@ -62,7 +62,8 @@ def pretrain(setting, seed, args):
         cmd = [sys.executable, str(ROOT / script), *argv]
     else:  # the preset's jitter is not a flag: this run's ssl_transform gets it as a keyword
         code = (f"import functools, sys, data, {script[:-3]} as m; "
-                f"data.ssl_transform = functools.partial(data.ssl_transform, jitter={jitter}); m.main(sys.argv[1:])")
+                f"data.ssl_transform = functools.partial(data.ssl_transform, jitter={jitter}); "
+                f"print('xray jitter', data.ssl_transform.keywords['jitter']); m.main(sys.argv[1:])")
         cmd = [sys.executable, "-c", code, *argv]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.jobs)))
     folder.mkdir(parents=True, exist_ok=True)

@@ -31,3 +31,18 @@ def test_convirt_scale_smoke(tmp_path, demo):
     keys = {"final_loss", "collapse_loss", "final_spread", "i2i_p_at_k", "t2i_p_at_k", "chance", "collapsed"}
     assert all(keys <= set(r) and r["chance"] > 0 for r in res["runs"])
     assert (tmp_path / "scale.png").is_file() and "heuristic" in p.stdout
+
+
+def test_demo_tuning_smoke(tmp_path, demo):
+    # the val-split tuning script: pretrains each setting (a flag, or the jitter keyword), probes with
+    # finetune.py --score val, and writes the JSON the README's choices table comes from
+    out = tmp_path / "tuning.json"
+    p = run_script("benchmarks/demo_tuning.py", "--settings", "simclr (demo)", "byol, jitter 0.2", "--seeds", "1",
+                   "--runs", tmp_path / "runs", "--out", out, "--", "--epochs", "1", "--max-steps", "1", "--size", "32",
+                   "--knn-every", "0")
+    res = json.loads(out.read_text())
+    assert [r["setting"] for r in res["settings"]] == ["random", "simclr (demo)", "byol, jitter 0.2"]
+    assert all(0 < r["val_auc_1_mean"] <= 1 for r in res["settings"]) and res["scored"].startswith("val")
+    cells = json.loads((tmp_path / "runs" / "probe" / "results.json").read_text())
+    assert {c["scored"] for c in cells} == {"val"} and "simclr (demo)" in p.stdout
+    assert "xray jitter 0.2" in (tmp_path / "runs" / "byol__jitter_0.2-s0" / "stdout.txt").read_text()
