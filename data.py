@@ -1079,29 +1079,42 @@ def _hue_shift(x, shift):
     h = torch.where(mx == r, ((g - b) / dd) % 6, torch.where(mx == g, (b - r) / dd + 2, (r - g) / dd + 4)) / 6
     h = (torch.where(d > 0, h, torch.zeros_like(h)) + shift.reshape(-1, 1, 1)) % 1.0
     s = torch.where(mx > 0, d / mx.clamp(min=1e-12), torch.zeros_like(mx))
-    i, f = torch.floor(h * 6) % 6, h * 6 - torch.floor(h * 6)
-    p, q, t = mx * (1 - s), mx * (1 - s * f), mx * (1 - s * (1 - f))
-    table = torch.stack([torch.stack(c, 1) for c in ((mx, t, p), (q, mx, p), (p, mx, t), (p, q, mx), (t, p, mx), (mx, p, q))])
-    return table.gather(0, i.long()[None, :, None].expand(1, -1, 3, -1, -1))[0]
+    # HSV -> RGB channel by channel: c = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6, n = 5, 3, 1
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).reshape(1, 3, 1, 1) + 6 * h[:, None]) % 6
+    return mx[:, None] - (mx * s)[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def _subset(mask, fn, x):
+    """fn(x[idx], idx) for the images where mask holds, written into x in place (a batch of our own),
+    the others as they are: each image pays only for the operations it gets."""
+    idx = mask.nonzero().squeeze(1)
+    if len(idx) == len(x):
+        return fn(x, idx)
+    if len(idx):
+        x[idx] = fn(x[idx], idx)
+    return x
 
 
 def jitter_images(x, factors, order):
     """torchvision's ColorJitter with per-image factors (brightness, contrast, saturation: n each;
     hue: a shift, n) applied in a per-image order (n x 4, a permutation of 0..3)."""
-    def op(k, y):
-        f = factors[k]
-        if f is None or (k >= 2 and y.shape[1] == 1):
-            return y
-        if k == 0:
-            return (y * _per(f)).clamp(0, 1)
-        if k == 1:
-            return (_per(f) * y + (1 - _per(f)) * _gray(y).mean((1, 2, 3), keepdim=True)).clamp(0, 1)
-        if k == 2:
-            return (_per(f) * y + (1 - _per(f)) * _gray(y)).clamp(0, 1)
-        return _hue_shift(y, f)
+    def op(k):
+        def run(y, idx):
+            f = factors[k][idx]
+            if k == 0:
+                return (y * _per(f)).clamp(0, 1)
+            if k == 1:
+                return (_per(f) * y + (1 - _per(f)) * _gray(y).mean((1, 2, 3), keepdim=True)).clamp(0, 1)
+            if k == 2:
+                return (_per(f) * y + (1 - _per(f)) * _gray(y)).clamp(0, 1)
+            return _hue_shift(y, f)
+        return run
 
+    used = [k for k in range(4) if factors[k] is not None and (k < 2 or x.shape[1] == 3)]
+    x = x.clone()  # written in place below
     for slot in range(4):
-        x = sum(torch.where(_per(order[:, slot] == k), op(k, x), 0.0) for k in range(4))
+        for k in used:
+            x = _subset(order[:, slot] == k, op(k), x)
     return x
 
 
@@ -1170,21 +1183,23 @@ class BatchAugment:
         top, left, h, w = (t.reshape(-1, 1, 1) for t in q["crop"])
         grid = torch.stack([(left + (u + 1) / 2 * w) / side * 2 - 1, (top + (v + 1) / 2 * h) / side * 2 - 1], -1)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False) * inside[:, None]
+        blur = lambda y, i: _blur(y, q["blur"][1][i], self.blur_k)  # noqa: E731
         if self.preset in ("xray", "xray-chessboard", "cytology-D"):  # blur before the intensity operations
-            x = torch.where(_per(q["blur"][0]), _blur(x, q["blur"][1], self.blur_k), x)
+            x = _subset(q["blur"][0], blur, x)
         if q["jitter"] is not None:
-            x = torch.where(_per(q["jitter"][0]), jitter_images(x, q["jitter"][1], q["jitter"][2]), x)
+            on, factors, order = q["jitter"]
+            x = _subset(on, lambda y, i: jitter_images(y, [f if f is None else f[i] for f in factors], order[i]), x)
         if q["equalize"] is not None:
-            x = torch.where(_per(q["equalize"]), T.functional.equalize(x), x)
+            x = _subset(q["equalize"], lambda y, i: T.functional.equalize(y), x)
         if q["gray"] is not None:
-            x = torch.where(_per(q["gray"]), _gray(x).expand_as(x), x)
+            x = _subset(q["gray"], lambda y, i: _gray(y).expand_as(y), x)
         if self.preset == "simclr":  # SimCLR blurs after the colour operations
-            x = torch.where(_per(q["blur"][0]), _blur(x, q["blur"][1], self.blur_k), x)
+            x = _subset(q["blur"][0], blur, x)
         if self.preset == "cytology-E":  # blur or sharpen
-            x = torch.where(_per(q["blur"][0]), _blur(x, q["blur"][1], self.blur_k), T.functional.adjust_sharpness(x, 3.0))
+            x = _subset(~q["blur"][0], lambda y, i: T.functional.adjust_sharpness(y, 3.0), _subset(q["blur"][0], blur, x))
         if q["noise"] is not None:
             on, sigma, z = q["noise"]
-            x = torch.where(_per(on), (x * (1 + _per(sigma) * z)).clamp(0, 1), x)
+            x = _subset(on, lambda y, i: (y * (1 + _per(sigma[i]) * z[i])).clamp(0, 1), x)
         r = torch.arange(s, device=x.device).reshape(1, 1, -1, 1)
         c = torch.arange(s, device=x.device).reshape(1, 1, 1, -1)
         if q["chessboard"] is not None:
