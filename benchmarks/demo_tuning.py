@@ -82,7 +82,8 @@ def main(argv=None):
         folders = list(pool.map(lambda js: pretrain(*js, args), jobs))
     probe = Path(args.runs) / "probe"
     cmd = [sys.executable, str(ROOT / "finetune.py"), "--task", "rsna", "--score", "val", "--mode", "linear",
-           "--fractions", "0.1", "1.0", "--seeds", "0", "1", "2", "--init", "random", "--out", str(probe), "--resume"]
+           "--fractions", "0.1", "1.0", "--seeds", "0", "1", "2", "--init", "random", "--bootstrap", "0",
+           "--out", str(probe), "--resume"]
     for (s, seed), folder in zip(jobs, folders):
         cmd += ["--ckpt", f"{s} #{seed}={folder / 'checkpoint.pt'}"]
     subprocess.run(cmd, check=True, cwd=ROOT)

@@ -172,7 +172,7 @@ def test_smoke_both_modes_figures_and_resume(checkpoints, tmp_path):
     out = tmp_path / "run"
     args = ["--task", "folder", "--ckpt", f"barlow={checkpoints['barlow']}", "--init", "random", "--mode", "linear",
             "finetune", "--fractions", "0.1", "1.0", "--seeds", "0", "1", "--size", "32", "--epochs", "1",
-            "--workers", "0", "--embed", "--gradcam", "1", "--out", out]
+            "--workers", "0", "--embed", "--gradcam", "1", "--bootstrap", "50", "--out", out]
     p = run_script("finetune.py", *args)
     assert "| barlow |" in p.stdout
     res = json.loads((out / "results.json").read_text())
@@ -202,7 +202,7 @@ def test_smoke_both_modes_figures_and_resume(checkpoints, tmp_path):
 
 def test_multilabel_chexpert_demo(tmp_path, demo):
     p = run_script("finetune.py", "--task", "chexpert", "--init", "random", "--fractions", "1.0", "--size", "32",
-                   "--workers", "0", "--uncertainty", "ignore", "--out", tmp_path / "cx")
+                   "--workers", "0", "--uncertainty", "ignore", "--bootstrap", "50", "--out", tmp_path / "cx")
     res = json.loads((tmp_path / "cx" / "results.json").read_text())
     assert res[0]["auc"] is not None and len(res[0]["per_class_auc"]) >= 4 and "| random |" in p.stdout
 
