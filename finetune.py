@@ -454,7 +454,9 @@ def make_split(args, paths, ids, labels, kind):
     if args.score == "val":  # choosing settings: val is scored in test's place, and test is never read
         inner_tr, inner_va = data.patient_split([ids[i] for i in tr], (0.8, 0.2), seed=0)
         tr, va, te = tr[inner_tr], tr[inner_va], va
-    fractions, listed = {}, (given or {}).get("fractions", {}) if (given or {}).get("scored") == args.score else {}
+    given = given or {}
+    listed = given.get("fractions", {}) if given.get("scored") == args.score else {}  # a file's subsets of this train split
+    fractions = {}
     position = {keys[i]: j for j, i in enumerate(tr)}
     for f in args.fractions:
         for seed in args.seeds:

@@ -244,13 +244,17 @@ def test_demo_pretraining_never_sees_an_evaluation_val_or_test_image(task, demo)
 
     args = finetune.get_args(["--init", "random", *task])
     paths, labels, _, _, ids, kind = finetune.load_task(args)
-    _, va, te, _, _ = finetune.make_split(args, paths, ids, labels, kind)
+    tr, va, te, _, _ = finetune.make_split(args, paths, ids, labels, kind)
     held_out = {os.path.realpath(paths[i]) for i in np.concatenate([va, te])}
     pretraining = {"xray": data.demo_images("xray"), "cytology": data.demo_images("cytology"),
                    "convirt": data.demo_pairs(split="train")[0]}
     for name, images in pretraining.items():
         assert not held_out & {os.path.realpath(p) for p in images}, name
     assert len(pretraining["cytology"]) == 168 and len(pretraining["xray"]) == 192
+    if "chexpert" in task:  # the demo's default is MIMIC's split file, the same as naming it with --split-csv
+        named = finetune.get_args(["--init", "random", *task, "--split-csv", str(demo / "mimic" / "mimic-cxr-2.0.0-split.csv")])
+        parts = finetune.make_split(named, paths, ids, labels, kind)[:3]
+        assert all(np.array_equal(a, b) for a, b in zip(parts, (tr, va, te))) and (len(tr), len(va), len(te)) == (192, 48, 80)
     tested = {os.path.realpath(paths[i]) for i in te}
     for monitor in ("rsna", "cytology"):  # the kNN monitors may read val, never test
         assert not tested & {os.path.realpath(p) for p in data.demo_labelled(monitor, without_test=True)[0]}
