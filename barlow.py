@@ -51,7 +51,7 @@ def get_args(argv=None):
     p.add_argument("--image-col", default="path", help="CSV column with the image path")
     p.add_argument("--demo", default="cytology", choices=["cytology", "xray"], help="which demo images, without --data")
     p.add_argument("--aug", default=None, choices=data.PRESETS, help="augmentation preset (default: from the images with --data, grayscale or DICOM: xray, colour: cytology-A; demo: xray, or cytology-A for --demo cytology)")
-    p.add_argument("--clahe", action="store_true", help="CLAHE before the xray preset (needs scikit-image)")
+    p.add_argument("--clahe", action="store_true", help="CLAHE on each image before the augmentation (needs scikit-image)")
     p.add_argument("--channels", type=int, default=None, choices=[1, 3],
                    help="image channels read (default 3 for cytology presets, else 1)")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default 224; 64 on the demo data)")
@@ -339,9 +339,11 @@ def main(argv=None):
     cache = args.cache_dir or None
     if world > 1 and not master:
         dist.barrier()  # rank 0 builds the decode cache first; the others then only read it
-    views = data.TwoViews(data.ssl_transform(args.aug, args.size, args.channels, args.clahe))
-    dataset = data.ImageDataset(paths, None, views, size=args.size, channels=args.channels, cache_dir=cache,
-                                skip_bad=args.skip_bad, workers=args.workers, progress=master)
+    # workers only read uint8 images, cached a little larger than the crop; both views are drawn on the device
+    dataset = data.ImageDataset(paths, None, data.CLAHE() if args.clahe else None, size=data.train_side(args.size),
+                                channels=args.channels, cache_dir=cache, skip_bad=args.skip_bad, workers=args.workers,
+                                progress=master, uint8=True)
+    augment = data.BatchAugment(args.aug, args.size, args.channels)
     if world > 1 and master:
         dist.barrier()
     if len(dataset) < args.batch_size:  # --skip-bad can leave fewer readable images than one batch
@@ -375,10 +377,12 @@ def main(argv=None):
 
     sampler = torch.utils.data.distributed.DistributedSampler(dataset, world, rank, shuffle=True, seed=args.seed,
                                                               drop_last=True)
-    # workers start anew each epoch, seeded from that epoch's torch.manual_seed, so a resumed run draws
-    # the augmentations an uninterrupted one would (persistent workers keep their first-epoch streams)
+    # persistent workers: they draw nothing random (the sampler, in this process, reshuffles each epoch); their
+    # base seed comes from a generator of the loader's own, so the global stream does not depend on the
+    # epoch the workers started in
     loader = torch.utils.data.DataLoader(dataset, batch_size=local_bs, sampler=sampler, num_workers=args.workers,
-                                         pin_memory=cuda, drop_last=True, persistent_workers=False)
+                                         pin_memory=cuda, drop_last=True, persistent_workers=args.workers > 0,
+                                         generator=torch.Generator().manual_seed(args.seed))
     knn = None
     if args.eval_data and args.knn_every and master:
         ep, ey, eids = labelled_eval_set(args.eval_data, args.demo)
@@ -418,11 +422,13 @@ def main(argv=None):
     for epoch in range(start_epoch, args.epochs):
         # every epoch's randomness is a function of (seed, epoch): a resumed run draws what it would have
         torch.manual_seed(args.seed * 100003 + epoch)
+        views = data.epoch_generator(device, args.seed, epoch, rank)
         sampler.set_epoch(epoch)
         bar = tqdm(loader, desc=f"epoch {epoch}", disable=not master, leave=False)
         t0 = time.time()
-        for i, ((x1, x2), _) in enumerate(bar, 1):
-            x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
+        for i, (x, _) in enumerate(bar, 1):
+            x = x.to(device, non_blocking=True)
+            x1, x2 = augment(x, views), augment(x, views)
             if cuda:
                 x1, x2 = x1.contiguous(memory_format=torch.channels_last), x2.contiguous(memory_format=torch.channels_last)
             with amp:
@@ -448,7 +454,7 @@ def main(argv=None):
                 z1 = (p1 * shared_attention(a1, a2, args.agbt_eps) if a1 is not None else p1).detach()
                 z2 = (p2 * shared_attention(a1, a2, args.agbt_eps) if a1 is not None else p2).detach()
                 spread, offd = embedding_spread(z1), off_diagonal_mean(z1, z2)
-                rec = {"step": step, "epoch": epoch, "loss": lv, "invariance": float(on), "redundancy": float(off),
+                rec = {"step": step, "epoch": epoch, "loss": lv, "invariance": float(on.detach()), "redundancy": float(off.detach()),
                        "lr": scheduler.get_last_lr()[0], "spread": spread, "offdiag_abs_c": offd,
                        "img_per_s": round(i * args.batch_size / max(time.time() - t0, 1e-9), 1)}
                 if spread < 0.1 and not warned and master:

@@ -69,7 +69,6 @@ import torch.distributed.nn as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-import torchvision.transforms.v2 as T
 from tqdm import tqdm
 
 import data
@@ -271,25 +270,30 @@ class ConVIRT(nn.Module):
         return self.encode_image(x), self.encode_text(input_ids, attention_mask)
 
 
-def convirt_transform(size, hflip):
-    """ConVIRT's image augmentation: crop 0.6-1, affine +-20 deg / 0.1 / 0.95-1.05, brightness and
-    contrast 0.6-1.4, Gaussian blur sigma 0.1-3; no flip unless asked."""
-    ops = [T.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True)]
-    if hflip:
-        ops.append(T.RandomHorizontalFlip())
-    ops += [T.RandomAffine(degrees=20, translate=(0.1, 0.1), scale=(0.95, 1.05)),
-            T.ColorJitter(brightness=(0.6, 1.4), contrast=(0.6, 1.4)),
-            # the paper's sigma 0.1-3 is for 224-pixel images: scaled with the image side
-            T.GaussianBlur(kernel_size=2 * (size // 16) + 1, sigma=(0.1 * size / 224, 3.0 * size / 224)), data.ToRGBNormalized()]
-    return T.Compose(ops)
-
-
 class RandomSentence:
-    """One sentence drawn uniformly from a study's findings + impression, anew each time (torch RNG,
-    so DataLoader workers and resumed runs draw reproducibly)."""
+    """One sentence drawn uniformly from a study's findings + impression: a function of (seed, epoch,
+    study), so persistent DataLoader workers and a resumed run draw what an uninterrupted run draws.
+    The training loop sets `epoch`, a shared-memory tensor every worker reads."""
 
-    def __call__(self, sentences):
-        return sentences[int(torch.randint(len(sentences), ()))]
+    def __init__(self, seed):
+        self.seed, self.epoch = seed, torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def __call__(self, target):
+        study, sentences = target
+        return sentences[int(np.random.default_rng([self.seed, int(self.epoch), study]).integers(len(sentences)))]
+
+
+class Tokenize:
+    """The DataLoader's collate: stack the uint8 images and tokenise the batch's sentences, in the
+    workers, so the training loop only copies tensors to the device."""
+
+    def __init__(self, tokenizer, max_tokens):
+        self.tokenizer, self.max_tokens = tokenizer, max_tokens
+
+    def __call__(self, batch):
+        images, text = zip(*batch)
+        tok = self.tokenizer(list(text), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        return torch.stack(images), tok["input_ids"], tok["attention_mask"]
 
 
 # ---------------------------------------------------------------------------------------------- losses
@@ -530,9 +534,11 @@ def main(argv=None):
     cache = args.cache_dir or None
     if world > 1 and not master:
         dist.barrier()  # rank 0 builds the decode cache first; the others then only read it
-    dataset = data.ImageDataset(paths, sentences, convirt_transform(args.size, args.hflip), RandomSentence(),
-                                size=args.size, channels=1, cache_dir=cache, skip_bad=args.skip_bad,
-                                workers=args.workers, progress=master)
+    # workers read uint8 images, cached a little larger than the crop, and tokenise; augmentation is on the device
+    pick = RandomSentence(args.seed)
+    dataset = data.ImageDataset(paths, list(enumerate(sentences)), None, pick, size=data.train_side(args.size), channels=1,
+                                cache_dir=cache, skip_bad=args.skip_bad, workers=args.workers, progress=master, uint8=True)
+    augment = data.BatchAugment("convirt", args.size, 1, hflip=args.hflip)
     if world > 1 and master:
         dist.barrier()
     if len(dataset) < args.batch_size:  # --skip-bad can leave fewer readable images than one batch
@@ -589,10 +595,14 @@ def main(argv=None):
 
     sampler = torch.utils.data.distributed.DistributedSampler(dataset, world, rank, shuffle=True, seed=args.seed,
                                                               drop_last=True)
-    # workers start anew each epoch, seeded from that epoch's torch.manual_seed, so a resumed run draws
-    # the augmentations an uninterrupted one would (persistent workers keep their first-epoch streams)
+    # persistent workers: their only random draw, the sentence, is a function of (seed, epoch, study); their
+    # base seed comes from a generator of the loader's own, so the global stream (dropout) does not depend
+    # on the epoch the workers started in
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the fast tokenizer's threads do not survive a fork
     loader = torch.utils.data.DataLoader(dataset, batch_size=local_bs, sampler=sampler, num_workers=args.workers,
-                                         pin_memory=cuda, drop_last=True, persistent_workers=False)
+                                         collate_fn=Tokenize(tokenizer, args.max_tokens), pin_memory=cuda,
+                                         drop_last=True, persistent_workers=args.workers > 0,
+                                         generator=torch.Generator().manual_seed(args.seed))
     eval_loader = None
     if eval_paths is not None and args.eval_every:  # every rank evaluates, so none waits for rank 0 in a collective
         eval_ds = data.ImageDataset(eval_paths, None, data.eval_transform(args.size), size=args.size, channels=1,
@@ -641,17 +651,19 @@ def main(argv=None):
     for epoch in range(start_epoch, args.epochs):
         # every epoch's randomness is a function of (seed, epoch): a resumed run draws what it would have
         torch.manual_seed(args.seed * 100003 + epoch)
+        views = data.epoch_generator(device, args.seed, epoch, rank)
+        pick.epoch.fill_(epoch)
         sampler.set_epoch(epoch)
         bar = tqdm(loader, desc=f"epoch {epoch}", disable=not master, leave=False)
         t0 = time.time()
         loss_sum, n_steps = torch.zeros((), device=device), 0  # summed on the device: no sync per step
-        for i, (x, text) in enumerate(bar, 1):
-            x = x.to(device, non_blocking=True)
+        for i, (x, ids, mask) in enumerate(bar, 1):
+            x = augment(x.to(device, non_blocking=True), views)
+            ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
-            tok = tokenizer(list(text), padding=True, truncation=True, max_length=args.max_tokens, return_tensors="pt").to(device)
             with amp:
-                u, v = ddp(x, tok["input_ids"], tok["attention_mask"])
+                u, v = ddp(x, ids, mask)
             u_all, v_all = gather(u, world), gather(v, world)
             offset = rank * u.shape[0]
             if args.loss == "softmax":

@@ -794,10 +794,13 @@ class DecodeCache:
         self._mm = None
         return slots, bad
 
-    def read(self, slot):
+    def read(self, slot, uint8=False):
+        """The slot as a float C x S x S tensor in [0, 1], or (uint8=True, a uint8 cache) as stored."""
         if self._mm is None or self._mm.shape[0] <= slot:  # opened lazily: each DataLoader worker maps its own
             n = self.data_path.stat().st_size // (self.dtype.itemsize * int(np.prod(self.shape)))
             self._mm = np.memmap(self.data_path, dtype=self.dtype, mode="r", shape=(n,) + self.shape)
+        if uint8 and self.dtype == np.uint8:
+            return torch.from_numpy(np.array(self._mm[slot]))
         return torch.from_numpy(np.asarray(self._mm[slot], dtype=np.float32) / self.scale)
 
     def __getstate__(self):  # a memmap is not sent to worker processes; each opens its own
@@ -822,16 +825,18 @@ class ImageDataset(torch.utils.data.Dataset):
     starts) or decoded on the fly. targets: labels, report texts, or None (-> the index).
     skip_bad: False -> an unreadable file raises BadImageError naming it; True -> it is
     skipped, counted, and listed by report_skipped() (the scripts call it each epoch).
+    uint8: images come as stored in a uint8 cache (decoded on the fly: quantised the same way), a
+    quarter of the bytes through the DataLoader; BatchAugment makes them float on the device.
     """
 
     def __init__(self, paths, targets=None, transform=None, target_transform=None, size=224, channels=1,
-                 cache_dir=None, cache_dtype="uint8", skip_bad=False, workers=0, progress=False):
+                 cache_dir=None, cache_dtype="uint8", skip_bad=False, workers=0, progress=False, uint8=False):
         if len(paths) == 0:
             raise ValueError("the data set is empty: no images were found")
         self.paths, self.size, self.channels = list(map(str, paths)), size, channels
         self.targets = targets
         self.transform, self.target_transform, self.skip_bad = transform, target_transform, skip_bad
-        self.cache, self.skipped = None, {}
+        self.cache, self.skipped, self.uint8 = None, {}, uint8
         self.index = np.arange(len(self.paths))
         if cache_dir:
             self.cache = DecodeCache(cache_dir, size, channels, cache_dtype)
@@ -849,11 +854,12 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.index)
 
     def read(self, i):
-        """The i-th usable image as a float C x S x S tensor in [0, 1]."""
+        """The i-th usable image: a float C x S x S tensor in [0, 1], or uint8 (see `uint8`)."""
         j = int(self.index[i])
         if self.cache is not None:
-            return self.cache.read(self.slots[j])
-        return fit_square(load_image(self.paths[j], self.channels), self.size)
+            return self.cache.read(self.slots[j], self.uint8)
+        img = fit_square(load_image(self.paths[j], self.channels), self.size)
+        return (img * 255).round().to(torch.uint8) if self.uint8 else img
 
     def __getitem__(self, i):
         for _ in range(len(self)):  # an unreadable file (only met here without the cache) yields the next one
@@ -884,47 +890,13 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------------
-# Augmentation presets
+# Per-image transforms (run in the DataLoader workers)
 # ----------------------------------------------------------------------------------
 
-class ChessboardMask(torch.nn.Module):
-    """Hide alternate cells of a random g x g grid (g in `grid`), with probability p.
-
-    From the X-ray augmentation study: forces the encoder to use context across the image.
-    """
-
-    def __init__(self, grid=(2, 8), p=0.5, value=0.0):
-        super().__init__()
-        self.grid, self.p, self.value = grid, p, value
-
-    def forward(self, x):
-        if torch.rand(()) >= self.p:
-            return x
-        g = int(torch.randint(self.grid[0], self.grid[1] + 1, ()))
-        h, w = x.shape[-2:]
-        rows = (torch.arange(h) * g // h)[:, None]
-        cols = (torch.arange(w) * g // w)[None, :]
-        phase = int(torch.randint(0, 2, ()))
-        mask = ((rows + cols + phase) % 2 == 0)
-        return torch.where(mask, torch.full_like(x, self.value), x)
-
-
-class SpeckleNoise(torch.nn.Module):
-    """Multiplicative Gaussian noise x * (1 + sigma * n), sigma drawn in `sigma`, clipped to [0, 1]."""
-
-    def __init__(self, sigma=(0.05, 0.2), p=0.5):
-        super().__init__()
-        self.sigma, self.p = sigma, p
-
-    def forward(self, x):
-        if torch.rand(()) >= self.p:
-            return x
-        s = float(torch.empty(()).uniform_(*self.sigma))
-        return (x * (1 + s * torch.randn_like(x))).clamp(0, 1)
-
-
 class CLAHE(torch.nn.Module):
-    """Contrast-limited adaptive histogram equalisation (scikit-image's equalize_adapthist)."""
+    """Contrast-limited adaptive histogram equalisation (scikit-image's equalize_adapthist), on one
+    C x H x W image, float in [0, 1] or uint8 (returned as it came). Deterministic: the scripts run it
+    in the DataLoader workers, before the batched augmentation."""
 
     def __init__(self, clip_limit=0.01):
         super().__init__()
@@ -935,10 +907,11 @@ class CLAHE(torch.nn.Module):
         self.fn, self.clip_limit = equalize_adapthist, clip_limit
 
     def forward(self, x):
-        a = x.permute(1, 2, 0).numpy().astype(np.float64)
+        a = x.permute(1, 2, 0).numpy().astype(np.float64) / (255 if x.dtype == torch.uint8 else 1)
         a = self.fn(a[..., 0] if a.shape[2] == 1 else a, clip_limit=self.clip_limit)
         t = torch.from_numpy(np.asarray(a, np.float32))
-        return t[None] if t.ndim == 2 else t.permute(2, 0, 1)
+        t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
+        return (t * 255).round().to(torch.uint8) if x.dtype == torch.uint8 else t
 
 
 class ToRGBNormalized(torch.nn.Module):
@@ -951,80 +924,30 @@ class ToRGBNormalized(torch.nn.Module):
         return (x - mean) / std
 
 
-PRESETS = ["xray", "xray-chessboard", "cytology-A", "cytology-B", "cytology-C", "cytology-D", "cytology-E", "simclr"]
-
-
-def ssl_transform(preset, size, channels=1, clahe=False, jitter=0.3):
-    """A torchvision.transforms.v2 pipeline for one augmented view.
-
-    Input: float C x H x W in [0, 1] (what ImageDataset reads); output: 3 x size x size,
-    ImageNet-normalised. Presets:
-      xray        the X-ray augmentation study's rotation (+-10 deg), Gaussian blur and random
-                  erasing, without its flip (laterality matters), plus a resized crop and
-                  brightness/contrast jitter (+-30 %, `jitter`; chosen against 20 % and 45 % on
-                  the demo's validation split): without it two views share their exposure, the
-                  easiest thing to agree on; clahe=True puts CLAHE first (needs scikit-image)
-      xray-chessboard  xray + the study's chessboard mask (p 0.3). Opt-in: at 64 px it hides half
-                  the image, often the finding; on the demo's validation split it lowered both
-                  SimCLR's and BYOL's linear probe (README, simclr.py and byol.py)
-      cytology-A  random crop + horizontal/vertical flip (the cytology study's baseline)
-      cytology-B  A + colour jitter + histogram equalisation
-      cytology-C  A + soft elastic deformation
-      cytology-D  A + Gaussian blur + speckle noise
-      cytology-E  A + resolution: blur or sharpen
-      simclr      the SimCLR recipe: crop 0.08-1, flip, colour jitter 0.8, grayscale 0.2, blur
-    """
-    crop_a = [T.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True),
-              T.RandomHorizontalFlip(), T.RandomVerticalFlip()]
-    blur = T.GaussianBlur(kernel_size=2 * (size // 20) + 1, sigma=(0.1, 2.0))
-    if preset in ("xray", "xray-chessboard"):
-        ops = [T.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.85, 1.15), antialias=True),
-               T.RandomApply([T.RandomRotation(10)], p=0.5),
-               T.RandomApply([blur], p=0.3),
-               T.ColorJitter(brightness=jitter, contrast=jitter),
-               *([ChessboardMask(p=0.3)] if preset == "xray-chessboard" else []),
-               T.RandomErasing(p=0.3, scale=(0.02, 0.1), value=0)]
-        if clahe:
-            ops.insert(0, CLAHE())
-    elif preset == "cytology-A":
-        ops = crop_a
-    elif preset == "cytology-B":
-        ops = crop_a + [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomEqualize(p=0.3)]
-    elif preset == "cytology-C":
-        ops = crop_a + [T.RandomApply([T.ElasticTransform(alpha=20.0, sigma=6.0)], p=0.7)]
-    elif preset == "cytology-D":
-        ops = crop_a + [T.RandomApply([blur], p=0.5), SpeckleNoise(p=0.5)]
-    elif preset == "cytology-E":
-        ops = crop_a + [T.RandomChoice([blur, T.RandomAdjustSharpness(3.0, p=1.0)])]
-    elif preset == "simclr":
-        ops = [T.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True), T.RandomHorizontalFlip(),
-               T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8 if channels == 3 else 0, 0.2 if channels == 3 else 0)], p=0.8),
-               T.RandomApply([blur], p=0.5)]
-        if channels == 3:
-            ops.insert(3, T.RandomGrayscale(p=0.2))
-    else:
-        raise ValueError(f"unknown augmentation preset {preset!r}; choose from {PRESETS}")
-    return T.Compose(ops + [ToRGBNormalized()])
-
-
 def eval_transform(size):
     """Deterministic transform for evaluation: resize to size (already square) + normalise."""
     return T.Compose([T.Resize(size, antialias=True), ToRGBNormalized()])
 
 
-class TwoViews:
-    """Two independent draws of the same transform (SimCLR, BYOL, Barlow Twins)."""
-
-    def __init__(self, transform):
-        self.transform = transform
-
-    def __call__(self, x):
-        return self.transform(x), self.transform(x)
-
-
 # ----------------------------------------------------------------------------------
 # Batched augmentation: the presets on a whole batch, on its own device
 # ----------------------------------------------------------------------------------
+
+PRESETS = ["xray", "xray-chessboard", "cytology-A", "cytology-B", "cytology-C", "cytology-D", "cytology-E", "simclr"]
+
+
+def train_side(size):
+    """The side pretraining images are cached at: 8/7 of the crop's (256 for 224), so a random crop
+    of most of the image is taken from more pixels than it ends with, not upsampled."""
+    return -(-size * 8 // 7)
+
+
+def epoch_generator(device, seed, epoch, rank=0):
+    """The augmentation's torch.Generator for one epoch of one process: a function of (seed, epoch,
+    rank) alone, so a run resumed at an epoch draws what the uninterrupted run drew, and every
+    process of a torchrun job draws its own."""
+    mixed = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0]) >> 1
+    return torch.Generator(device=device).manual_seed(mixed)
 
 def _rand(g, *shape):
     return torch.rand(shape, generator=g, device=g.device)
@@ -1119,43 +1042,70 @@ def jitter_images(x, factors, order):
 
 
 class BatchAugment:
-    """ssl_transform's presets on a whole batch on its own device, each image with its own random
-    parameters, all drawn by `sample` from one torch.Generator (seeded by seed, epoch and rank, a
-    resumed run draws the same) and applied by `apply`. One resampling per image: crop, rotation,
-    flips and the elastic field composed into one sampling grid, one grid_sample; then the intensity
-    operations. Input B x C x S x S, uint8 or float in [0, 1] (S: the cache's side, a little above
-    `size`, so that the crop does not upsample); output B x 3 x size x size, ImageNet-normalised."""
+    """The augmentation presets on a whole batch on its own device, each image with its own random
+    parameters, all drawn by `sample` from one torch.Generator (seeded by seed, epoch and rank: a
+    resumed run draws the same) and applied by `apply`. One resampling per image: crop, flips,
+    rotation or affine and the elastic field composed into one sampling grid, one grid_sample; then
+    the intensity operations. Input B x C x S x S, uint8 or float in [0, 1] (S: train_side(size), a
+    little above `size`, so that the crop does not upsample); output B x 3 x size x size,
+    ImageNet-normalised. Presets (`PRESETS`, and ConVIRT's own):
+      xray        the X-ray augmentation study's rotation (+-10 deg, p 0.5), Gaussian blur (p 0.3) and
+                  random erasing (p 0.3), without its flip (laterality matters), plus a resized crop
+                  (0.6-1) and brightness/contrast jitter (+-30 %, `jitter`; chosen against 20 % and
+                  45 % on the demo's validation split): without it two views share their exposure,
+                  the easiest thing to agree on
+      xray-chessboard  xray + the study's chessboard mask (p 0.3, a 2-8 cell grid). Opt-in: at 64 px
+                  it hides half the image, often the finding; on the demo's validation split it
+                  lowered both SimCLR's and BYOL's linear probe (README)
+      cytology-A  random crop (0.5-1) + horizontal/vertical flip (the cytology study's baseline)
+      cytology-B  A + colour jitter (0.4, 0.4, 0.4, 0.1; p 0.8) + histogram equalisation (p 0.3)
+      cytology-C  A + soft elastic deformation (alpha 20, sigma 6; p 0.7)
+      cytology-D  A + Gaussian blur (p 0.5) + speckle noise x (1 + sigma n), sigma 0.05-0.2 (p 0.5)
+      cytology-E  A + resolution: blur or sharpen (factor 3), one of the two
+      simclr      the SimCLR recipe: crop 0.08-1, flip, colour jitter 0.8 (p 0.8), grayscale 0.2, blur 0.5
+      convirt     ConVIRT's: crop 0.6-1, affine +-20 deg / shift 0.1 / scale 0.95-1.05, brightness and
+                  contrast 0.6-1.4, Gaussian blur sigma 0.1-3 (at 224 px, scaled with the side); no
+                  flip unless hflip (reports name sides)
+    Each operation draws as torchvision's transform of the same name does (tests hold them to it).
+    """
 
-    def __init__(self, preset, size, channels=1, jitter=0.3):
-        if preset not in PRESETS:
+    def __init__(self, preset, size, channels=1, jitter=0.3, hflip=False):
+        if preset not in PRESETS + ["convirt"]:
             raise ValueError(f"unknown augmentation preset {preset!r}; choose from {PRESETS}")
-        self.preset, self.size, self.channels, self.jitter = preset, size, channels, jitter
-        self.blur_k = 2 * (size // 20) + 1
+        self.preset, self.size, self.channels, self.jitter, self.hflip = preset, size, channels, jitter, hflip
+        self.blur_k = 2 * (size // (16 if preset == "convirt" else 20)) + 1
 
     def __call__(self, x, generator):
         return self.apply(x, self.sample(generator, x.shape[0], x.shape[-1]))
 
     def sample(self, g, n, side):
         p, s = self.preset, self.size
-        xray, cyto, colour = p.startswith("xray"), p.startswith("cytology"), self.channels == 3
+        xray, cyto, colour, convirt = p.startswith("xray"), p.startswith("cytology"), self.channels == 3, p == "convirt"
         coin = lambda prob: _rand(g, n) < prob  # noqa: E731
-        scale, ratio = ((0.6, 1.0), (0.85, 1.15)) if xray else ((0.08 if p == "simclr" else 0.5, 1.0), (3 / 4, 4 / 3))
+        scale, ratio = ((0.6, 1.0), (0.85, 1.15)) if xray else ((0.08 if p == "simclr" else 0.6 if convirt else 0.5, 1.0), (3 / 4, 4 / 3))
         q = {"crop": _boxes(g, n, side, side, scale, ratio, True)[:4]}
-        q["hflip"], q["vflip"] = (coin(0.5) if cyto or p == "simclr" else None), (coin(0.5) if cyto else None)
-        q["angle"] = _uniform(g, (n,), -10, 10) * coin(0.5) if xray else None
+        q["hflip"] = coin(0.5) if cyto or p == "simclr" or (convirt and self.hflip) else None
+        q["vflip"] = coin(0.5) if cyto else None
+        q["angle"] = _uniform(g, (n,), -10, 10) * coin(0.5) if xray else _uniform(g, (n,), -20, 20) if convirt else None
+        # RandomAffine's shift: whole pixels, up to 10 % of the side; its scale 0.95-1.05 (its angle turns
+        # clockwise, `angle` here counter-clockwise as rotate's: the same symmetric draw)
+        q["shift"] = torch.round(_uniform(g, (n, 2), -0.1 * s, 0.1 * s)) if convirt else None
+        q["zoom"] = _uniform(g, (n,), 0.95, 1.05) if convirt else None
         q["elastic"] = None
         if p == "cytology-C":  # torchvision's ElasticTransform(alpha 20, sigma 6), p 0.7
             field = _blur(_rand(g, n, 2, s, s) * 2 - 1, torch.full((n,), 6.0, device=g.device), int(8 * 6.0 + 1) | 1)
             q["elastic"] = field * 20.0 / s * _per(coin(0.7))
-        blur_p = {"xray": 0.3, "xray-chessboard": 0.3, "cytology-D": 0.5, "simclr": 0.5, "cytology-E": 0.5}.get(p)
-        q["blur"] = (coin(blur_p), _uniform(g, (n,), 0.1, 2.0)) if blur_p else None
+        blur_p = {"xray": 0.3, "xray-chessboard": 0.3, "cytology-D": 0.5, "simclr": 0.5, "cytology-E": 0.5, "convirt": 1.0}.get(p)
+        sigma = (0.1 * s / 224, 3.0 * s / 224) if convirt else (0.1, 2.0)  # ConVIRT's sigma is for 224 px
+        q["blur"] = (coin(blur_p), _uniform(g, (n,), *sigma)) if blur_p else None
         amounts = {"xray": (self.jitter, self.jitter, 0, 0), "xray-chessboard": (self.jitter, self.jitter, 0, 0),
-                   "cytology-B": (0.4, 0.4, 0.4, 0.1), "simclr": (0.8, 0.8, 0.8 * colour, 0.2 * colour)}.get(p)
+                   "cytology-B": (0.4, 0.4, 0.4, 0.1), "simclr": (0.8, 0.8, 0.8 * colour, 0.2 * colour),
+                   "convirt": (0.4, 0.4, 0, 0)}.get(p)
         q["jitter"] = None
         if amounts:
             factors = [_uniform(g, (n,), max(0, 1 - a), 1 + a) if a else None for a in amounts[:3]]
             factors.append(_uniform(g, (n,), -amounts[3], amounts[3]) if amounts[3] else None)
-            q["jitter"] = (coin(1.0 if xray else 0.8), factors, torch.argsort(_rand(g, n, 4), 1))
+            q["jitter"] = (coin(1.0 if xray or convirt else 0.8), factors, torch.argsort(_rand(g, n, 4), 1))
         q["equalize"] = coin(0.3) if p == "cytology-B" else None
         q["gray"] = coin(0.2) if p == "simclr" and colour else None
         q["noise"] = (coin(0.5), _uniform(g, (n,), 0.05, 0.2), torch.randn((n, self.channels, s, s), generator=g, device=g.device)) \
@@ -1172,9 +1122,13 @@ class BatchAugment:
         u, v = lin[None, None, :].expand(n, s, s), lin[None, :, None].expand(n, s, s)
         if q["elastic"] is not None:  # on the flipped crop, in its own coordinates (ElasticTransform after the crop)
             u, v = u + q["elastic"][:, 0], v + q["elastic"][:, 1]
+        if q["shift"] is not None:  # the affine's inverse about the crop's centre: R^-1 (p - shift) / zoom
+            u, v = u - (2 * q["shift"][:, 0] / s).reshape(-1, 1, 1), v - (2 * q["shift"][:, 1] / s).reshape(-1, 1, 1)
         if q["angle"] is not None:  # rotation of the crop about its centre
             a = torch.deg2rad(q["angle"]).reshape(-1, 1, 1)
             u, v = torch.cos(a) * u - torch.sin(a) * v, torch.sin(a) * u + torch.cos(a) * v
+        if q["zoom"] is not None:
+            u, v = u / q["zoom"].reshape(-1, 1, 1), v / q["zoom"].reshape(-1, 1, 1)
         inside = (u.abs() <= 1) & (v.abs() <= 1)  # outside the crop: black, as rotate and elastic fill
         if q["hflip"] is not None:
             u = torch.where(q["hflip"].reshape(-1, 1, 1), -u, u)
@@ -1193,7 +1147,7 @@ class BatchAugment:
             x = _subset(q["equalize"], lambda y, i: T.functional.equalize(y), x)
         if q["gray"] is not None:
             x = _subset(q["gray"], lambda y, i: _gray(y).expand_as(y), x)
-        if self.preset == "simclr":  # SimCLR blurs after the colour operations
+        if self.preset in ("simclr", "convirt"):  # these blur after the colour operations
             x = _subset(q["blur"][0], blur, x)
         if self.preset == "cytology-E":  # blur or sharpen
             x = _subset(~q["blur"][0], lambda y, i: T.functional.adjust_sharpness(y, 3.0), _subset(q["blur"][0], blur, x))

@@ -4,11 +4,16 @@ The floor of a step is the encoder's own forward + backward on the same batch (b
 image-only methods; BYOL's target forward counted too; ConVIRT's text tower counted too). Everything
 a script adds on top (heads, the loss, the optimizer, gathers) is overhead: the ratio step/floor
 rate says how much of it there is. Synthetic tensors already in memory, so the data side is left
-out here and measured on its own (--loader).
+out here and measured on its own: the DataLoader (--loader), the batched augmentation (--augment),
+and each real script end to end on a generated folder of DICOMs (--end-to-end), whose images/s over
+the synthetic step's says how much the data side costs (1.0: nothing).
 
     python benchmarks/bench.py                                   # CPU: resnet18, 64 px, batch 32
     python benchmarks/bench.py --device cuda --arch resnet50 --size 224 --batch-size 128 --compile
     python benchmarks/bench.py --losses-only --loss-sizes 256 1024 4096
+    python benchmarks/bench.py --losses-only --loss-sizes 256 --end-to-end        # CPU: each real script, a few minutes
+    python benchmarks/bench.py --device cuda --arch resnet50 --size 224 --batch-size 256 --projector 8192-8192-8192 \
+        --end-to-end --e2e-workers 16 --augment --loader --workers 0 16 --out benchmarks/results-gpu.json
 
 Figures are medians of --repeats timed blocks of --steps steps, after --warmup steps; CUDA timings
 use CUDA events after a synchronise. Results: a markdown table on stdout and JSON in --out.
@@ -56,9 +61,14 @@ def get_args(argv=None):
     p.add_argument("--loader", action="store_true", help="also time the data pipeline (decode + augmentation)")
     p.add_argument("--loader-images", type=int, default=512, help="images the loader benchmark reads an epoch (the demo's, repeated)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers for the loader benchmark")
-    p.add_argument("--augment", action="store_true",
-                   help="also time augmentation alone: torchvision per image (one CPU thread, as in a DataLoader worker) "
-                        "against data.BatchAugment on the whole batch on --device")
+    p.add_argument("--augment", action="store_true", help="also time data.BatchAugment alone, every preset, on --device")
+    p.add_argument("--end-to-end", action="store_true",
+                   help="also run each real script on a generated folder and compare its images/s with the synthetic step")
+    p.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS, help="configurations for --end-to-end")
+    p.add_argument("--e2e-images", type=int, default=2048, help="images in the generated folder")
+    p.add_argument("--e2e-source-size", type=int, default=256, help="side of the generated DICOMs")
+    p.add_argument("--e2e-epochs", type=int, default=3, help="epochs per script; the first is not timed")
+    p.add_argument("--e2e-workers", type=int, default=2, help="DataLoader workers of each script (16 on the GPU machine)")
     p.add_argument("--out", default="benchmarks/results.json", help="JSON results")
     return p.parse_args(argv)
 
@@ -182,6 +192,14 @@ def bench_config(name, args, device):
     return rec
 
 
+def synthetic(name, argv):
+    """bench_config of one configuration in its own process, so its peak memory is its own."""
+    p = subprocess.run([sys.executable, __file__, *argv, "--only", name], capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"{name} failed:\n{p.stderr[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def bench_losses(args, device):
     """Forward + backward time of each loss alone, at growing batch (and D = 8192 for Barlow Twins)."""
     out = []
@@ -205,53 +223,90 @@ def bench_losses(args, device):
 
 
 def bench_loader(args):
-    """Images/s that each script's data pipeline delivers: decode + augmentation, DICOM vs the cache."""
+    """Images/s the DataLoader delivers to a script's training loop: uint8 reads at train_side(size)
+    (+ a sentence each and the batch's tokenisation for ConVIRT), from the DICOMs or the decode
+    cache; the augmentation is on the device (--augment). Steady state, as in training: persistent
+    workers, a whole warm-up epoch (workers start, files enter the page cache), then a timed epoch."""
     import tempfile
 
-    demo = data.demo_images("xray")
-    paths = [demo[i % len(demo)] for i in range(args.loader_images)]  # repeated, for as many as asked
+    paths, reports, _ = data.demo_pairs(split=None)
+    paths = [paths[i % len(paths)] for i in range(args.loader_images)]  # repeated, for as many as asked
+    sentences = [data.report_sentences(reports[i % len(reports)]) for i in range(args.loader_images)]
+    tok_json, _ = convirt.demo_text_model(reports, 0)
+    collate = convirt.Tokenize(convirt.wrap_tokenizer(tok_json), 128)
     out = []
-    pipelines = {"convirt": convirt.convirt_transform(args.size, False),
-                 "ssl-xray": data.TwoViews(data.ssl_transform("xray", args.size, 1))}
     for cache in (False, True):
         root = tempfile.mkdtemp(prefix="medssl-bench-") if cache else None
-        for pname, tf in pipelines.items():
-            ds = data.ImageDataset(paths, None, tf, size=args.size, channels=1, cache_dir=root)
+        for pname in ("convirt", "ssl"):
+            targets, pick = (list(enumerate(sentences)), convirt.RandomSentence(0)) if pname == "convirt" else (None, None)
+            ds = data.ImageDataset(paths, targets, None, pick, size=data.train_side(args.size), channels=1,
+                                   cache_dir=root, uint8=True)
             for w in args.workers:
-                # steady state, as in training: persistent workers, a whole warm-up epoch (workers start,
-                # files enter the page cache), then a timed epoch
-                loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=w, persistent_workers=w > 0)
+                loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=w, persistent_workers=w > 0,
+                                                     collate_fn=collate if pname == "convirt" else None)
                 for _ in loader:
                     pass
                 t = time.perf_counter()
-                n = sum(len(x[0]) if isinstance(x, (list, tuple)) and not torch.is_tensor(x) else len(x) for x, _ in loader)
+                n = sum(len(batch[0]) for batch in loader)
                 out.append({"pipeline": pname, "source": "cache" if cache else "DICOM", "workers": w,
                             "img_per_s": round(n / (time.perf_counter() - t), 1)})
     return out
 
 
 def bench_augment(args, device):
-    """Images/s of one augmented view: ssl_transform image by image on one thread (what each DataLoader
-    worker does today) against BatchAugment on the batch on `device`, from uint8 cache reads a little
-    larger than the crop (8/7 of the side: 256 for 224)."""
+    """Images/s of one augmented view: data.BatchAugment on a batch of uint8 images a little larger
+    than the crop (train_side: 256 for 224), on `device`, every preset."""
     out = []
-    side = round(args.size * 8 / 7)
-    for preset, ch in (("xray", 1), ("cytology-B", 3), ("simclr", 3)):
-        x8 = (torch.rand(args.batch_size, ch, side, side) * 255).to(torch.uint8)
-        per_image = data.ssl_transform(preset, args.size, ch)
-        small = torch.nn.functional.interpolate(x8.float() / 255, size=args.size, mode="bilinear", antialias=True)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        t = time.perf_counter()
-        for img in small:
-            per_image(img)
-        cpu_rate = len(small) / (time.perf_counter() - t)
-        torch.set_num_threads(threads)
-        aug, x = data.BatchAugment(preset, args.size, ch), x8.to(device)
+    side = data.train_side(args.size)
+    for preset in data.PRESETS + ["convirt"]:
+        ch = 3 if preset.startswith("cytology") or preset == "simclr" else 1
+        aug = data.BatchAugment(preset, args.size, ch)
+        x = (torch.rand(args.batch_size, ch, side, side) * 255).to(torch.uint8).to(device)
         g = torch.Generator(device=device).manual_seed(0)
-        batched = rate(lambda: aug(x, g), args.batch_size, args, device)
-        out.append({"preset": preset, "per_image_1_thread_img_per_s": round(cpu_rate, 1),
-                    "batched_img_per_s": round(batched, 1), "device": str(device)})
+        out.append({"preset": preset, "channels": ch, "img_per_s": round(rate(lambda: aug(x, g), args.batch_size, args, device), 1),
+                    "device": str(device)})
+    return out
+
+
+def e2e_command(name, args, folder, run):
+    """The real script's command line for one end-to-end configuration."""
+    script = "convirt.py" if name.startswith("convirt") else "barlow.py" if name in ("barlow", "agbt") else f"{name}.py"
+    cmd = [sys.executable, str(ROOT / script), "--data", str(folder), "--arch", args.arch, "--size", str(args.size),
+           "--batch-size", str(args.batch_size), "--workers", str(args.e2e_workers), "--epochs", str(args.e2e_epochs),
+           "--device", args.device, "--out", str(run), "--log-every", str(args.e2e_images // args.batch_size),
+           "--cache-dir", str(Path(run).parent / "cache")]
+    if name.startswith("convirt"):
+        cmd += ["--loss", name.split("-")[1], "--eval-every", "0"]
+    else:
+        cmd += ["--knn-every", "0"]
+    if name in ("barlow", "agbt"):
+        cmd += ["--loss", name, "--projector", args.projector]
+    return cmd + (["--compile"] if args.compile else [])
+
+
+def bench_end_to_end(args, argv):
+    """Each real script on a generated folder of --e2e-images DICOMs (the pairs demo: MIMIC layout,
+    reports beside), its images/s over each epoch after the first (workers started, cache built, the
+    compile done), against the synthetic step of the same configuration and batch on this machine."""
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="medssl-e2e-"))
+    folder = Path(data.make_pairs_demo(work / "pairs", args.e2e_images, size=args.e2e_source_size,
+                                       quiet=True)["mimic"]["path"])
+    out = []
+    for name in args.configs:
+        run = work / name
+        p = subprocess.run(e2e_command(name, args, folder, run), capture_output=True, text=True)
+        if p.returncode:
+            raise SystemExit(f"end to end {name} failed:\n{p.stderr[-3000:]}")
+        logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        rates = [r["img_per_s"] for r in logged if "img_per_s" in r and r["epoch"] >= 1]
+        if not rates:
+            raise SystemExit(f"end to end {name}: no epoch after the first was logged (--e2e-epochs {args.e2e_epochs})")
+        step = synthetic(name, argv)
+        e2e = statistics.median(rates)
+        out.append({"config": name, "e2e_img_per_s": round(e2e, 1), "step_img_per_s": step["step_img_per_s"],
+                    "ratio": round(e2e / step["step_img_per_s"], 3), "epochs_timed": len(rates)})
     return out
 
 
@@ -264,14 +319,9 @@ def main(argv=None):
         return
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else _cpu_name(),
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "args": vars(args)}
+    argv = list(argv or sys.argv[1:])
     if not args.losses_only:
-        rows = []
-        for name in CONFIGS:
-            cmd = [sys.executable, __file__] + [a for a in (argv or sys.argv[1:])] + ["--only", name]
-            p = subprocess.run(cmd, capture_output=True, text=True)
-            if p.returncode:
-                raise SystemExit(f"{name} failed:\n{p.stderr[-2000:]}")
-            rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
+        rows = [synthetic(name, argv) for name in CONFIGS]
         results["steps"] = rows
         print(f"\nTraining step vs floor: {args.arch}, {args.size} px, batch {args.batch_size}, {results['device']}")
         print("| script | step img/s | floor img/s | step / floor | overhead | peak RSS MiB |")
@@ -287,16 +337,24 @@ def main(argv=None):
         print(f"| {name} | " + " | ".join(str(r["ms"]) for r in results["losses"] if r["loss"] == name) + " |")
     if args.loader:
         results["loader"] = bench_loader(args)
-        print("\nData pipeline (decode + augmentation):")
+        print(f"\nDataLoader alone (uint8 reads at {data.train_side(args.size)} px; ConVIRT: + tokenisation), batch {args.batch_size}:")
         print("| pipeline | source | workers | img/s |\n|---|---|---|---|")
         for r in results["loader"]:
             print(f"| {r['pipeline']} | {r['source']} | {r['workers']} | {r['img_per_s']} |")
     if args.augment:
         results["augment"] = bench_augment(args, device)
-        print(f"\nAugmentation alone, one view, {args.size} px, batch {args.batch_size}:")
-        print(f"| preset | torchvision per image, 1 thread, img/s | BatchAugment on {device}, img/s |\n|---|---|---|")
+        print(f"\nBatchAugment alone on {device}, one view, {args.size} px from {data.train_side(args.size)} px, "
+              f"batch {args.batch_size}:")
+        print("| preset | img/s |\n|---|---|")
         for r in results["augment"]:
-            print(f"| {r['preset']} | {r['per_image_1_thread_img_per_s']} | {r['batched_img_per_s']} |")
+            print(f"| {r['preset']} | {r['img_per_s']} |")
+    if args.end_to_end:
+        results["end_to_end"] = bench_end_to_end(args, argv)
+        print(f"\nEnd to end: each script on {args.e2e_images} generated DICOMs, {args.e2e_workers} workers, "
+              f"epochs after the first, against its synthetic step:")
+        print("| script | end to end img/s | step img/s | end to end / step |\n|---|---|---|---|")
+        for r in results["end_to_end"]:
+            print(f"| {r['config']} | {r['e2e_img_per_s']} | {r['step_img_per_s']} | {r['ratio']} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"\nresults: {args.out}")

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-# setting -> (script, flags, xray jitter); jitter has no flag: data.ssl_transform's keyword, set for that run only
+# setting -> (script, flags, xray jitter); jitter has no flag: data.BatchAugment's keyword, set for that run only
 SETTINGS = {
     "byol (demo: tau 0.95, lr 3e-4)": ("byol.py", [], None),
     "byol, paper tau 0.996 and lr 1e-3": ("byol.py", ["--tau-base", "0.996", "--lr", "1e-3"], None),
@@ -60,10 +60,10 @@ def pretrain(setting, seed, args):
     argv = [*flags, "--seed", str(seed), "--out", str(folder), "--workers", "1", *resume, *args.extra]
     if jitter is None:
         cmd = [sys.executable, str(ROOT / script), *argv]
-    else:  # the preset's jitter is not a flag: this run's ssl_transform gets it as a keyword
+    else:  # the preset's jitter is not a flag: this run's BatchAugment gets it as a keyword
         code = (f"import functools, sys, data, {script[:-3]} as m; "
-                f"data.ssl_transform = functools.partial(data.ssl_transform, jitter={jitter}); "
-                f"print('xray jitter', data.ssl_transform.keywords['jitter']); m.main(sys.argv[1:])")
+                f"data.BatchAugment = functools.partial(data.BatchAugment, jitter={jitter}); "
+                f"print('xray jitter', data.BatchAugment.keywords['jitter']); m.main(sys.argv[1:])")
         cmd = [sys.executable, "-c", code, *argv]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.jobs)))
     folder.mkdir(parents=True, exist_ok=True)

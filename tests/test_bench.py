@@ -1,6 +1,7 @@
 """benchmarks/bench.py runs end to end (tiny sizes) so it never rots. No test asserts a speed."""
 import json
 
+import data
 from conftest import run_script
 
 
@@ -8,16 +9,19 @@ def test_bench_smoke(tmp_path, demo):
     out = tmp_path / "b.json"
     p = run_script("benchmarks/bench.py", "--size", "32", "--batch-size", "4", "--steps", "1", "--repeats", "1",
                    "--warmup", "0", "--loss-sizes", "16", "--loader", "--loader-images", "8", "--workers", "0",
-                   "--projector", "32-32", "--augment", "--out", out)
+                   "--projector", "32-32", "--augment", "--end-to-end", "--configs", "convirt-sigmoid", "simclr",
+                   "--e2e-images", "32", "--e2e-epochs", "2", "--e2e-source-size", "48", "--e2e-workers", "1", "--out", out)
     res = json.loads(out.read_text())
     assert [r["config"] for r in res["steps"]] == ["convirt-softmax", "convirt-sigmoid", "simclr", "byol", "barlow", "agbt"]
     assert all(r["step_img_per_s"] > 0 and r["floor_img_per_s"] > 0 for r in res["steps"])
     assert {r["loss"] for r in res["losses"]} == {"softmax", "sigmoid", "nt_xent", "barlow-8192"}
     assert {(r["pipeline"], r["source"]) for r in res["loader"]} == {("convirt", "DICOM"), ("convirt", "cache"),
-                                                                     ("ssl-xray", "DICOM"), ("ssl-xray", "cache")}
+                                                                     ("ssl", "DICOM"), ("ssl", "cache")}
     assert "| simclr |" in p.stdout
-    assert [r["preset"] for r in res["augment"]] == ["xray", "cytology-B", "simclr"]
-    assert all(r["per_image_1_thread_img_per_s"] > 0 and r["batched_img_per_s"] > 0 for r in res["augment"])
+    assert [r["preset"] for r in res["augment"]] == data.PRESETS + ["convirt"] and all(r["img_per_s"] > 0 for r in res["augment"])
+    e2e = res["end_to_end"]  # each real script ran on the generated folder; epoch 1 of 2 timed
+    assert [r["config"] for r in e2e] == ["convirt-sigmoid", "simclr"] and all(r["epochs_timed"] == 1 for r in e2e)
+    assert all(r["ratio"] > 0 and abs(r["ratio"] - r["e2e_img_per_s"] / r["step_img_per_s"]) < 0.01 * r["ratio"] for r in e2e)
 
 
 def test_convirt_scale_smoke(tmp_path, demo):

@@ -220,9 +220,10 @@ def test_smoke_and_checkpoint_into_torchvision(tmp_path, demo):
 
 
 def test_exact_resume(tmp_path, demo):
-    # 192 training pairs / batch 32 = 6 steps an epoch
-    check_exact_resume("convirt.py", ["--loss", "softmax", *SMALL, "--epochs", "2", "--eval-every", "0", "--deterministic"],
-                       tmp_path, 6)
+    # 192 training pairs / batch 32 = 6 steps an epoch; two persistent workers draw the sentences and
+    # tokenise, the views are drawn in the training process: the resumed run must draw them all again
+    args = ["--loss", "softmax", *SMALL, "--workers", "2", "--epochs", "2", "--eval-every", "0", "--deterministic"]
+    check_exact_resume("convirt.py", args, tmp_path, 6)
 
 
 def test_nan_guard_keeps_last_checkpoint(tmp_path, demo, monkeypatch):

@@ -465,53 +465,17 @@ def test_empty_dataset_and_folder(tmp_path):
 
 # ------------------------------------------------------------------------- augmentation
 
-@pytest.mark.parametrize("preset", data.PRESETS)
-def test_presets(preset):
-    channels = 3 if preset.startswith("cytology") else 1
-    x = torch.rand(channels, 48, 48)
-    t = data.ssl_transform(preset, 32, channels)
-    torch.manual_seed(0)
-    a = t(x)
-    torch.manual_seed(0)
-    b = t(x)
-    assert a.shape == (3, 32, 32) and a.dtype == torch.float32 and torch.isfinite(a).all()
-    assert torch.equal(a, b)  # deterministic under a seed
-    mean = torch.tensor(data.IMAGENET_MEAN)[:, None, None]
-    std = torch.tensor(data.IMAGENET_STD)[:, None, None]
-    raw = a * std + mean
-    assert raw.min() >= -1e-4 and raw.max() <= 1 + 1e-4
-    torch.manual_seed(1)
-    assert not torch.equal(t(x), a)  # and random across seeds
-
-
-def test_simclr_preset_on_colour_and_unknown_preset():
-    assert data.ssl_transform("simclr", 16, 3)(torch.rand(3, 20, 20)).shape == (3, 16, 16)
-    with pytest.raises(ValueError, match="unknown augmentation preset"):
-        data.ssl_transform("cutmix", 16)
-
-
-def test_chessboard_mask_is_opt_in():
-    # in the demo tuning runs the chessboard mask lowered SimCLR's and BYOL's linear probe (README)
-    def has_mask(preset):
-        return any(isinstance(t, data.ChessboardMask) for t in data.ssl_transform(preset, 32).transforms)
-
-    assert not has_mask("xray") and has_mask("xray-chessboard")
-
-
-def test_chessboard_mask():
-    m = data.ChessboardMask(grid=(2, 2), p=1.0)
-    y = m(torch.ones(1, 4, 4))
-    assert y.sum() == 8 and (y[0, :2, :2].sum() in (0, 4))
-
-
-def test_clahe_flag_needs_scikit_image_or_works():
+def test_clahe_needs_scikit_image_or_keeps_the_dtype():
     try:
         import skimage  # noqa: F401
     except ImportError:
         with pytest.raises(ImportError, match="scikit-image"):
-            data.ssl_transform("xray", 16, 1, clahe=True)
+            data.CLAHE()
     else:
-        assert data.ssl_transform("xray", 16, 1, clahe=True)(torch.rand(1, 20, 20)).shape == (3, 16, 16)
+        x = torch.rand(1, 20, 20)
+        y8, yf = data.CLAHE()((x * 255).round().to(torch.uint8)), data.CLAHE()(x)
+        assert y8.dtype == torch.uint8 and yf.dtype == torch.float32 and y8.shape == yf.shape == (1, 20, 20)
+        assert (y8.float() / 255 - yf).abs().max() < 0.02
 
 
 # ------------------------------------------------------------------------- demo data
@@ -628,7 +592,7 @@ def _whole_crop(q, n, side):
     return q
 
 
-@pytest.mark.parametrize("preset", data.PRESETS)
+@pytest.mark.parametrize("preset", data.PRESETS + ["convirt"])
 def test_batch_augment_draws_per_image_and_replays_from_its_generator(preset):
     colour = preset.startswith("cytology") or preset == "simclr"
     aug = data.BatchAugment(preset, 32, 3 if colour else 1)
@@ -636,6 +600,8 @@ def test_batch_augment_draws_per_image_and_replays_from_its_generator(preset):
     x = one.expand(8, -1, -1, -1).contiguous()  # eight copies of one image
     y = aug(x, torch.Generator().manual_seed(0))
     assert y.shape == (8, 3, 32, 32) and torch.isfinite(y).all()
+    raw = y * torch.tensor(data.IMAGENET_STD).reshape(1, 3, 1, 1) + torch.tensor(data.IMAGENET_MEAN).reshape(1, 3, 1, 1)
+    assert raw.min() >= -1e-4 and raw.max() <= 1 + 1e-4  # every operation keeps pixels in [0, 1]
     assert all(not torch.equal(y[0], y[i]) for i in range(1, 8))  # each copy got its own parameters
     assert torch.equal(y, aug(x, torch.Generator().manual_seed(0)))  # a fixed generator replays the batch
     assert not torch.equal(y, aug(x, torch.Generator().manual_seed(1)))
@@ -697,3 +663,59 @@ def test_batch_augment_colour_jitter_blur_rotation_elastic_agree_with_torchvisio
     for i in range(n):
         ref = TF.rotate(x[i, :1], float(q["angle"][i]), interpolation=TF.InterpolationMode.BILINEAR)
         assert torch.allclose(got[i, :, 3:-3, 3:-3], ref[:, 3:-3, 3:-3], atol=1e-5)
+
+
+def test_batch_augment_affine_agrees_with_torchvision_and_options_are_opt_in():
+    import torchvision.transforms.v2.functional as TF
+
+    torch.manual_seed(0)
+    n, s = 6, 48
+    x = torch.rand(n, 1, s, s)
+    aug = data.BatchAugment("convirt", s, 1)  # ConVIRT's affine alone: rotation, whole-pixel shift and scale
+    q = _whole_crop(aug.sample(torch.Generator().manual_seed(3), n, s), n, s)
+    off = torch.zeros(n, dtype=torch.bool)
+    q["blur"], q["jitter"] = (off, q["blur"][1]), (off,) + q["jitter"][1:]
+    assert q["hflip"] is None and q["shift"].abs().max() <= round(0.1 * s) and ((q["zoom"] - 1).abs() <= 0.05).all()
+    got = aug.apply(x, q)[:, :1] * data.IMAGENET_STD[0] + data.IMAGENET_MEAN[0]
+    for i in range(n):
+        # torchvision's affine turns clockwise, rotate (and `angle` here) counter-clockwise; the draw is symmetric
+        ref = TF.affine(x[i], angle=-float(q["angle"][i]), translate=q["shift"][i].int().tolist(), scale=float(q["zoom"][i]),
+                        shear=[0.0, 0.0], interpolation=TF.InterpolationMode.BILINEAR)
+        assert torch.allclose(got[i, :, 12:-12, 12:-12], ref[:, 12:-12, 12:-12], atol=1e-5)  # away from the fill's edge
+    g = torch.Generator().manual_seed(0)
+    assert data.BatchAugment("convirt", s, 1, hflip=True).sample(g, n, s)["hflip"] is not None
+    assert data.BatchAugment("xray", s).sample(g, n, s)["chessboard"] is None  # the mask lowered both probes on val
+    on, cells, phase = data.BatchAugment("xray-chessboard", s).sample(g, n, s)["chessboard"]
+    assert ((2 <= cells) & (cells <= 8)).all() and set(phase.tolist()) <= {0, 1}
+    with pytest.raises(ValueError, match="unknown augmentation preset"):
+        data.BatchAugment("cutmix", s)
+
+
+def test_chessboard_hides_alternate_cells():
+    aug = data.BatchAugment("xray-chessboard", 8, 1)
+    q = _whole_crop(aug.sample(torch.Generator().manual_seed(0), 2, 8), 2, 8)
+    off = torch.zeros(2, dtype=torch.bool)
+    q["angle"], q["blur"], q["erase"] = torch.zeros(2), (off, q["blur"][1]), (off,) + q["erase"][1:]
+    q["jitter"] = (off,) + q["jitter"][1:]
+    q["chessboard"] = (torch.ones(2, dtype=torch.bool), torch.tensor([2, 4]), torch.tensor([0, 1]))
+    y = aug.apply(torch.ones(2, 1, 8, 8), q)[:, 0] * data.IMAGENET_STD[0] + data.IMAGENET_MEAN[0]
+    hidden = y.abs() < 1e-5
+    assert hidden.sum((1, 2)).tolist() == [32, 32]  # half of each image
+    assert hidden[0, :4, :4].all() and not hidden[0, :4, 4:].any()  # 2 x 2 cells, phase 0: the top-left one hidden
+    assert not hidden[1, :2, :2].any() and hidden[1, :2, 2:4].all()  # 4 x 4 cells, phase 1: the top-left one shown
+
+
+def test_epoch_generator_is_a_function_of_seed_epoch_and_rank():
+    draw = lambda *key: torch.rand(4, generator=data.epoch_generator("cpu", *key))  # noqa: E731
+    assert torch.equal(draw(0, 3, 0), draw(0, 3, 0))
+    assert len({tuple(draw(*k).tolist()) for k in [(0, 3, 0), (0, 3, 1), (0, 4, 0), (1, 3, 0)]}) == 4
+
+
+def test_uint8_reads_match_the_float_reads(tmp_path, demo):
+    paths = data.demo_images("xray")[:3]
+    for cache in (str(tmp_path / "c"), None):
+        f = data.ImageDataset(paths, size=data.train_side(16), cache_dir=cache)
+        u = data.ImageDataset(paths, size=data.train_side(16), cache_dir=cache, uint8=True)
+        for i in range(3):
+            assert u[i][0].dtype == torch.uint8 and u[i][0].shape == (1, 19, 19)
+            assert (u[i][0].float() / 255 - f[i][0]).abs().max() <= 0.5 / 255 + 1e-6
