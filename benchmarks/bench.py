@@ -310,6 +310,13 @@ def bench_end_to_end(args, argv):
     return out
 
 
+def table(title, columns, rows):
+    """A markdown table on stdout; columns: (heading, key) pairs."""
+    print(f"\n{title}\n| " + " | ".join(h for h, _ in columns) + " |\n|" + "---|" * len(columns))
+    for r in rows:
+        print("| " + " | ".join(str(r[k]) for _, k in columns) + " |")
+
+
 def main(argv=None):
     args = get_args(argv)
     device = torch.device(args.device)
@@ -323,12 +330,9 @@ def main(argv=None):
     if not args.losses_only:
         rows = [synthetic(name, argv) for name in CONFIGS]
         results["steps"] = rows
-        print(f"\nTraining step vs floor: {args.arch}, {args.size} px, batch {args.batch_size}, {results['device']}")
-        print("| script | step img/s | floor img/s | step / floor | overhead | peak RSS MiB |")
-        print("|---|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['config']} | {r['step_img_per_s']} | {r['floor_img_per_s']} | {r['ratio']} | "
-                  f"{r['overhead_x']}x | {r['peak_rss_mib']} |")
+        table(f"Training step vs floor: {args.arch}, {args.size} px, batch {args.batch_size}, {results['device']}",
+              [("script", "config"), ("step img/s", "step_img_per_s"), ("floor img/s", "floor_img_per_s"),
+               ("step / floor", "ratio"), ("overhead x", "overhead_x"), ("peak RSS MiB", "peak_rss_mib")], rows)
     results["losses"] = bench_losses(args, device)
     print("\nLosses alone, forward + backward (ms):")
     print("| loss | " + " | ".join(f"N={n}" for n in args.loss_sizes) + " |")
@@ -337,24 +341,18 @@ def main(argv=None):
         print(f"| {name} | " + " | ".join(str(r["ms"]) for r in results["losses"] if r["loss"] == name) + " |")
     if args.loader:
         results["loader"] = bench_loader(args)
-        print(f"\nDataLoader alone (uint8 reads at {data.train_side(args.size)} px; ConVIRT: + tokenisation), batch {args.batch_size}:")
-        print("| pipeline | source | workers | img/s |\n|---|---|---|---|")
-        for r in results["loader"]:
-            print(f"| {r['pipeline']} | {r['source']} | {r['workers']} | {r['img_per_s']} |")
+        table(f"DataLoader alone (uint8 reads at {data.train_side(args.size)} px; ConVIRT: + tokenisation), batch {args.batch_size}:",
+              [("pipeline", "pipeline"), ("source", "source"), ("workers", "workers"), ("img/s", "img_per_s")], results["loader"])
     if args.augment:
         results["augment"] = bench_augment(args, device)
-        print(f"\nBatchAugment alone on {device}, one view, {args.size} px from {data.train_side(args.size)} px, "
-              f"batch {args.batch_size}:")
-        print("| preset | img/s |\n|---|---|")
-        for r in results["augment"]:
-            print(f"| {r['preset']} | {r['img_per_s']} |")
+        table(f"BatchAugment alone on {device}, one view, {args.size} px from {data.train_side(args.size)} px, batch {args.batch_size}:",
+              [("preset", "preset"), ("img/s", "img_per_s")], results["augment"])
     if args.end_to_end:
         results["end_to_end"] = bench_end_to_end(args, argv)
-        print(f"\nEnd to end: each script on {args.e2e_images} generated DICOMs, {args.e2e_workers} workers, "
-              f"epochs after the first, against its synthetic step:")
-        print("| script | end to end img/s | step img/s | end to end / step |\n|---|---|---|---|")
-        for r in results["end_to_end"]:
-            print(f"| {r['config']} | {r['e2e_img_per_s']} | {r['step_img_per_s']} | {r['ratio']} |")
+        table(f"End to end: each script on {args.e2e_images} generated DICOMs, {args.e2e_workers} workers, epochs after "
+              "the first, against its synthetic step:", [("script", "config"), ("end to end img/s", "e2e_img_per_s"),
+                                                        ("step img/s", "step_img_per_s"), ("end to end / step", "ratio")],
+              results["end_to_end"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"\nresults: {args.out}")
