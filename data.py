@@ -1007,9 +1007,13 @@ def _hue_shift(x, shift):
     return mx[:, None] - (mx * s)[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
-def _subset(mask, fn, x):
-    """fn(x[idx], idx) for the images where mask holds, written into x in place (a batch of our own),
-    the others as they are: each image pays only for the operations it gets."""
+def _subset(mask, fn, x, where=False):
+    """fn(x[idx], idx) for the images where mask holds, the others as they are. where=False: the subset
+    is gathered and written back into x in place (a batch of our own), so each image pays only for the
+    operations it gets (the CPU's way). where=True: fn runs on every image and the mask picks, with
+    no host sync, so the CPU keeps queueing work ahead of a GPU, for which elementwise work is cheap."""
+    if where:
+        return torch.where(_per(mask), fn(x, slice(None)), x)
     idx = mask.nonzero().squeeze(1)
     if len(idx) == len(x):
         return fn(x, idx)
@@ -1018,9 +1022,9 @@ def _subset(mask, fn, x):
     return x
 
 
-def jitter_images(x, factors, order):
+def jitter_images(x, factors, order, where=False):
     """torchvision's ColorJitter with per-image factors (brightness, contrast, saturation: n each;
-    hue: a shift, n) applied in a per-image order (n x 4, a permutation of 0..3)."""
+    hue: a shift, n) applied in a per-image order (n x 4, a permutation of 0..3); where: see _subset."""
     def op(k):
         def run(y, idx):
             f = factors[k][idx]
@@ -1037,7 +1041,7 @@ def jitter_images(x, factors, order):
     x = x.clone()  # written in place below
     for slot in range(4):
         for k in used:
-            x = _subset(order[:, slot] == k, op(k), x)
+            x = _subset(order[:, slot] == k, op(k), x, where)
     return x
 
 
@@ -1074,6 +1078,7 @@ class BatchAugment:
             raise ValueError(f"unknown augmentation preset {preset!r}; choose from {PRESETS}")
         self.preset, self.size, self.channels, self.jitter, self.hflip = preset, size, channels, jitter, hflip
         self.blur_k = 2 * (size // (16 if preset == "convirt" else 20)) + 1
+        self.where = None  # how operations reach a subset of images (see _subset); None: by the device
 
     def __call__(self, x, generator):
         return self.apply(x, self.sample(generator, x.shape[0], x.shape[-1]))
@@ -1137,23 +1142,25 @@ class BatchAugment:
         top, left, h, w = (t.reshape(-1, 1, 1) for t in q["crop"])
         grid = torch.stack([(left + (u + 1) / 2 * w) / side * 2 - 1, (top + (v + 1) / 2 * h) / side * 2 - 1], -1)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False) * inside[:, None]
+        where = x.device.type != "cpu" if self.where is None else self.where
+        subset = lambda mask, fn, y: _subset(mask, fn, y, where)  # noqa: E731
         blur = lambda y, i: _blur(y, q["blur"][1][i], self.blur_k)  # noqa: E731
         if self.preset in ("xray", "xray-chessboard", "cytology-D"):  # blur before the intensity operations
-            x = _subset(q["blur"][0], blur, x)
+            x = subset(q["blur"][0], blur, x)
         if q["jitter"] is not None:
             on, factors, order = q["jitter"]
-            x = _subset(on, lambda y, i: jitter_images(y, [f if f is None else f[i] for f in factors], order[i]), x)
+            x = subset(on, lambda y, i: jitter_images(y, [f if f is None else f[i] for f in factors], order[i], where), x)
         if q["equalize"] is not None:
-            x = _subset(q["equalize"], lambda y, i: T.functional.equalize(y), x)
+            x = subset(q["equalize"], lambda y, i: T.functional.equalize(y), x)
         if q["gray"] is not None:
-            x = _subset(q["gray"], lambda y, i: _gray(y).expand_as(y), x)
+            x = subset(q["gray"], lambda y, i: _gray(y).expand_as(y), x)
         if self.preset in ("simclr", "convirt"):  # these blur after the colour operations
-            x = _subset(q["blur"][0], blur, x)
+            x = subset(q["blur"][0], blur, x)
         if self.preset == "cytology-E":  # blur or sharpen
-            x = _subset(~q["blur"][0], lambda y, i: T.functional.adjust_sharpness(y, 3.0), _subset(q["blur"][0], blur, x))
+            x = subset(~q["blur"][0], lambda y, i: T.functional.adjust_sharpness(y, 3.0), subset(q["blur"][0], blur, x))
         if q["noise"] is not None:
             on, sigma, z = q["noise"]
-            x = _subset(on, lambda y, i: (y * (1 + _per(sigma[i]) * z[i])).clamp(0, 1), x)
+            x = subset(on, lambda y, i: (y * (1 + _per(sigma[i]) * z[i])).clamp(0, 1), x)
         r = torch.arange(s, device=x.device).reshape(1, 1, -1, 1)
         c = torch.arange(s, device=x.device).reshape(1, 1, 1, -1)
         if q["chessboard"] is not None:

@@ -605,6 +605,9 @@ def test_batch_augment_draws_per_image_and_replays_from_its_generator(preset):
     assert all(not torch.equal(y[0], y[i]) for i in range(1, 8))  # each copy got its own parameters
     assert torch.equal(y, aug(x, torch.Generator().manual_seed(0)))  # a fixed generator replays the batch
     assert not torch.equal(y, aug(x, torch.Generator().manual_seed(1)))
+    aug.where = True  # the GPU's way to a subset (every image computed, the mask picks, no host sync): the same
+    assert torch.allclose(aug(x, torch.Generator().manual_seed(0)), y, atol=1e-5)
+    aug.where = None
     u8 = (one * 255).round().to(torch.uint8).expand(8, -1, -1, -1)  # the decode cache's uint8 reads the same
     assert torch.allclose(aug(u8, torch.Generator().manual_seed(0)), aug(u8.float() / 255, torch.Generator().manual_seed(0)))
 
