@@ -48,8 +48,8 @@ The heuristic (on by default with --loss sigmoid; --no-heuristic gives plain Sig
   4. (all losses) no bias in the projections' last layer (CLIP's projections have none), and t',
      b without weight decay and t <= 100, as in open_clip.
 Measured (README, "Does it collapse?"; benchmarks/convirt_scale.py): on the demo (ResNet-18, 64 px,
-N = 32, CPU) the default run leaves the collapse value after ~200-250 steps in every seed 0-4 and
-ends at 0.85-0.86 x L_c, spread 0.46-0.50, held-out retrieval above chance. Not yet measured at
+N = 32, CPU) the default run leaves the collapse value after ~170-260 steps in every seed 0-4 and
+ends at 0.81-0.86 x L_c, spread 0.40-0.55, held-out retrieval above chance. Not yet measured at
 ResNet-50 / 224 px on a GPU.
 """
 import argparse
