@@ -2,13 +2,15 @@
 
 Reading (DICOM and ordinary images), radiology reports, data-set adapters for the
 real on-disk layouts, label files, patient-level splits and label fractions, the
-decode cache, the augmentation presets, and the built-in demo data set.
+decode cache, the augmentation presets (batched, on the batch's own device), and the
+built-in demo data set.
 
     python data.py demo /tmp/demo            # write the demo data set and print a summary
     python data.py bench-cache               # images/s: decoding full-size DICOM vs reading the cache
 
 Conventions: every image comes out as float32 in [0, 1]; a grayscale image is H x W,
-a colour one H x W x 3; datasets return C x S x S tensors. Every reading error is a
+a colour one H x W x 3; datasets return C x S x S tensors (float, or uint8 as the cache
+stores them, for the batched augmentation). Every reading error is a
 `BadImageError` whose message starts with the file's path and says the cause.
 """
 import argparse

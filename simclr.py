@@ -6,7 +6,7 @@ projection MLP; each view must pick out its twin among the 2N - 1 other views of
 (NT-Xent, eq. 1). Under torchrun the views are all-gathered with their gradients, so the negatives
 come from the global batch.
 
-    python simclr.py                                   # the demo chest radiographs, xray augmentation (~3 min, 2 cores)
+    python simclr.py                                   # the demo chest radiographs, xray augmentation (~2 min, 2 cores)
     python simclr.py --demo cytology --aug cytology-D  # the demo cytology images, blur + speckle group
     python simclr.py --data /data/mura/train --aug xray --arch resnet50 --weights imagenet
     torchrun --nproc_per_node=8 simclr.py --data /data/chexpert/train --batch-size 4096 --optimizer lars --lr 4.8
