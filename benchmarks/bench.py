@@ -235,8 +235,9 @@ def bench_loader(args):
     tok_json, _ = convirt.demo_text_model(reports, 0)
     collate = convirt.Tokenize(convirt.wrap_tokenizer(tok_json), 128)
     out = []
+    tmp = tempfile.TemporaryDirectory(prefix="medssl-bench-")
     for cache in (False, True):
-        root = tempfile.mkdtemp(prefix="medssl-bench-") if cache else None
+        root = tmp.name if cache else None
         for pname in ("convirt", "ssl"):
             targets, pick = (list(enumerate(sentences)), convirt.RandomSentence(0)) if pname == "convirt" else (None, None)
             ds = data.ImageDataset(paths, targets, None, pick, size=data.train_side(args.size), channels=1,
@@ -250,6 +251,8 @@ def bench_loader(args):
                 n = sum(len(batch[0]) for batch in loader)
                 out.append({"pipeline": pname, "source": "cache" if cache else "DICOM", "workers": w,
                             "img_per_s": round(n / (time.perf_counter() - t), 1)})
+                del loader  # its persistent workers end before the cache's folder goes
+    tmp.cleanup()
     return out
 
 
@@ -290,23 +293,24 @@ def bench_end_to_end(args, argv):
     compile done), against the synthetic step of the same configuration and batch on this machine."""
     import tempfile
 
-    work = Path(tempfile.mkdtemp(prefix="medssl-e2e-"))
-    folder = Path(data.make_pairs_demo(work / "pairs", args.e2e_images, size=args.e2e_source_size,
-                                       quiet=True)["mimic"]["path"])
     out = []
-    for name in args.configs:
-        run = work / name
-        p = subprocess.run(e2e_command(name, args, folder, run), capture_output=True, text=True)
-        if p.returncode:
-            raise SystemExit(f"end to end {name} failed:\n{p.stderr[-3000:]}")
-        logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-        rates = [r["img_per_s"] for r in logged if "img_per_s" in r and r["epoch"] >= 1]
-        if not rates:
-            raise SystemExit(f"end to end {name}: no epoch after the first was logged (--e2e-epochs {args.e2e_epochs})")
-        step = synthetic(name, argv)
-        e2e = statistics.median(rates)
-        out.append({"config": name, "e2e_img_per_s": round(e2e, 1), "step_img_per_s": step["step_img_per_s"],
-                    "ratio": round(e2e / step["step_img_per_s"], 3), "epochs_timed": len(rates)})
+    with tempfile.TemporaryDirectory(prefix="medssl-e2e-") as tmp:  # images, caches and checkpoints: GBs
+        work = Path(tmp)
+        folder = Path(data.make_pairs_demo(work / "pairs", args.e2e_images, size=args.e2e_source_size,
+                                           quiet=True)["mimic"]["path"])
+        for name in args.configs:
+            run = work / name
+            p = subprocess.run(e2e_command(name, args, folder, run), capture_output=True, text=True)
+            if p.returncode:
+                raise SystemExit(f"end to end {name} failed:\n{p.stderr[-3000:]}")
+            logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+            rates = [r["img_per_s"] for r in logged if "img_per_s" in r and r["epoch"] >= 1]
+            if not rates:
+                raise SystemExit(f"end to end {name}: no epoch after the first was logged (--e2e-epochs {args.e2e_epochs})")
+            step = synthetic(name, argv)
+            e2e = statistics.median(rates)
+            out.append({"config": name, "e2e_img_per_s": round(e2e, 1), "step_img_per_s": step["step_img_per_s"],
+                        "ratio": round(e2e / step["step_img_per_s"], 3), "epochs_timed": len(rates)})
     return out
 
 

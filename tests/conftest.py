@@ -3,7 +3,9 @@
 The environment variables are set before any test runs, so scripts started as
 subprocesses by the smoke tests find the same demo data and never touch ~/.cache.
 """
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 _TMP = tempfile.mkdtemp(prefix="medssl-tests-")
+atexit.register(shutil.rmtree, _TMP, ignore_errors=True)  # the session's demo data and cache go with it
 os.environ["MEDSSL_DEMO_DIR"] = os.path.join(_TMP, "demo")
 os.environ["MEDSSL_CACHE"] = os.path.join(_TMP, "cache")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
