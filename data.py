@@ -919,10 +919,10 @@ class CLAHE(torch.nn.Module):
 class ToRGBNormalized(torch.nn.Module):
     """Grayscale -> 3 channels (so ImageNet-shaped encoders take it), then ImageNet normalisation."""
 
-    def forward(self, x):
-        x = x.expand(3, -1, -1) if x.shape[0] == 1 else x
-        mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype)[:, None, None]
-        std = torch.tensor(IMAGENET_STD, dtype=x.dtype)[:, None, None]
+    def forward(self, x):  # one C x H x W image or a B x C x H x W batch
+        x = x.expand(*x.shape[:-3], 3, *x.shape[-2:]) if x.shape[-3] == 1 else x
+        mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device)[:, None, None]
+        std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device)[:, None, None]
         return (x - mean) / std
 
 
@@ -1172,10 +1172,7 @@ class BatchAugment:
             on, top, left, h, w, found = (t.reshape(-1, 1, 1, 1) for t in q["erase"])
             box = (r >= top) & (r < top + h) & (c >= left) & (c < left + w)
             x = x.masked_fill(box & on & found, 0.0)
-        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device).reshape(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=x.device).reshape(1, 3, 1, 1)
-        return (x - mean) / std
+        return ToRGBNormalized()(x)
 
 
 # ----------------------------------------------------------------------------------
