@@ -1,150 +1,86 @@
 """ConVIRT: contrastive image-report pretraining, with a softmax (InfoNCE) or a sigmoid (SigLIP) loss.
 
 Zhang et al. 2020, "Contrastive Learning of Medical Visual Representations from Paired Images and
-Text", https://arxiv.org/abs/2010.00747 ; SigLIP: Zhai et al., ICCV 2023, https://arxiv.org/abs/2303.15343
+Text", https://arxiv.org/abs/2010.00747 ; SigLIP: Zhai et al., ICCV 2023, https://arxiv.org/abs/2303.15343 .
+A ResNet encodes an augmented radiograph, a Hugging Face text encoder one random sentence of its report;
+two projection heads map both into one L2-normalised space where matching pairs are pulled together and
+the batch's other pairs pushed apart: ConVIRT's bidirectional InfoNCE (eq. 2-4) or SigLIP's pairwise loss.
 
-A ResNet encodes an augmented radiograph, a Hugging Face text encoder one random sentence of its
-report; two projection heads map both to a shared, L2-normalised space where matching pairs are
-pulled together and the other pairs of the batch pushed apart.
+With --loss sigmoid a heuristic (on by default) keeps SigLIP out of its collapse at small batches:
+positives weighted N-1, b started at that loss's prior logit 0 (so the loss starts at its collapse value
+2 (N-1) log 2) and t kept at or above 2 log(N-1). The derivation and the measurements are in RESULTS.md.
 
     python convirt.py --loss sigmoid                     # demo data, builds itself, a few minutes on a CPU
     python convirt.py --loss softmax --data /data/mimic-cxr-jpg --metadata-csv mimic-cxr-2.0.0-metadata.csv \
         --text-model emilyalsentzer/Bio_ClinicalBERT --freeze-text-layers 6 --weights imagenet
     torchrun --nproc_per_node=8 convirt.py --loss sigmoid --data /data/mimic-cxr-jpg ...
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 convirt.py ...
-    python data.py demo /tmp/pairs --studies 4096 --size 256   # a larger phantom pair set for GPU work; it
-                                                               # prints the convirt.py command that uses it
-
-Text pooling: max over the token outputs (padding masked), as ConVIRT does (`--text-pool`).
-
-Sigmoid loss collapse (derived here, measured in the README). SigLIP's loss for one image row is
-    l_i = w * softplus(-a_ii) + sum_{j != i} softplus(a_ij),   a_ij = t u_i.v_j + b,
-with N pairs in the batch and w the weight of the positive (SigLIP: w = 1). If both towers map
-every input to one point, every logit takes one value a and l = w softplus(-a) + (N-1) softplus(a):
-convex in a, least at sigmoid(a) = w / (w + N - 1), i.e. the prior logit a* = log(w / (N-1)), where
-    L_c(N, w) = w log((w + N - 1) / w) + (N - 1) log((w + N - 1) / (N - 1))
-(w = 1: log N + (N-1) log(N/(N-1)), 4.45 at N = 32; w = N-1: 2 (N-1) log 2, 42.97 at N = 32).
-That is the collapse value, logged as `collapse_loss` in the units of `loss`. A run is collapsed
-when it sits there: the embeddings' per-dimension standard deviation across the batch, times
-sqrt(D) (`spread`: about 1 for directions spread like random ones, 0 for a single point), below
-0.1, and the diagonal gap (`gap`: mean diagonal minus mean off-diagonal cosine) near 0.
-
-Why runs fall into it. Collapse is a cheap way down whenever the loss starts above L_c: moving
-every embedding the same way shifts all N^2 logits at once, and the towers do that far faster
-than the single scalar b can (one Adam step moves b by lr, the towers' thousands of weights each by
-lr). SigLIP's b = -10 is the prior logit -log(N-1) of its batch of 32k; at N = 32 it starts the
-loss at ~10 against L_c = 4.45, a descent of 5.5 that collapse alone delivers. The old heuristic
-here (b = -log(N-1) with positives weighted N-1) was worse: under that weighting the prior logit
-is 0, not -log(N-1), so the loss started at ~108 against L_c = 43, and every run we measured slid
-down to 43 and stayed. A second cheap way to one point: a bias in the projection's last layer gets
-the same Adam step per coordinate as every weight and moves every embedding along one vector.
-
-The heuristic (on by default with --loss sigmoid; --no-heuristic gives plain SigLIP):
-  1. positives weighted w = N-1, so the N positives and the N(N-1) negatives weigh the same;
-  2. b initialised at the prior logit of that weighted loss, log(w / (N-1)) = 0, so the loss
-     starts at L_c and collapse offers no descent: the only way down is to tell pairs apart;
-  3. a floor t >= 2 log(N-1) under the temperature (t_floor): with b = -t/2, a cosine swing of 1
-     then carries a positive to odds (N-1):1 and a negative to 1:(N-1);
-  4. (all losses) no bias in the projections' last layer (CLIP's projections have none), and t',
-     b without weight decay and t <= 100, as in open_clip.
-Measured (README, "Does it collapse?"; benchmarks/convirt_scale.py): on the demo (ResNet-18, 64 px,
-N = 32, CPU) the default run leaves the collapse value after ~170-260 steps in every seed 0-4 and
-ends at 0.81-0.86 x L_c, spread 0.40-0.55, held-out retrieval above chance. Not yet measured at
-ResNet-50 / 224 px on a GPU.
+    python data.py demo /tmp/pairs --studies 4096 --size 256   # a larger pair set for GPU work
 """
 import argparse
-import contextlib
-import json
 import math
 import os
-import sys
-import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.nn as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
-from tqdm import tqdm
 
 import data
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # data
-    p.add_argument("--data", default=None, help="MIMIC-CXR(-JPG) root (files/pXX/...) or a CSV of image,report; none: the demo data")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default=None, help="MIMIC-CXR(-JPG) root (files/pXX/...) or a CSV of image,report; "
+                   "none: the demo data")
     p.add_argument("--image-col", default="path", help="CSV column with the image path")
     p.add_argument("--report-col", default="report", help="CSV column with the report text or a .txt path")
     p.add_argument("--metadata-csv", default=None, help="mimic-cxr-2.0.0-metadata.csv: keep frontal views (PA/AP) only")
     p.add_argument("--split-csv", default=None, help="mimic-cxr-2.0.0-split.csv: train on its 'train' split only")
-    p.add_argument("--size", type=int, default=None, help="image side in pixels (default 224; 64 on the demo data)")
-    p.add_argument("--cache-dir", default=data.default_cache_dir(), help="decode cache folder; '' decodes on the fly")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed each epoch) instead of stopping")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    p.add_argument("--hflip", action="store_true",
-                   help="random horizontal flips; off by default because reports name sides (left/right)")
+    p.add_argument("--hflip", action="store_true", help="random horizontal flips (off: reports name sides)")
     p.add_argument("--max-tokens", type=int, default=128, help="longest sentence in tokens")
-    # model
     p.add_argument("--arch", default=None, choices=["resnet18", "resnet50", "densenet121"],
                    help="image encoder (default resnet50; resnet18 on the demo data)")
-    p.add_argument("--weights", default="none", choices=["imagenet", "none"], help="image encoder initialisation (ConVIRT: imagenet; none downloads nothing)")
-    p.add_argument("--text-model", default=None,
-                   help="Hugging Face encoder name or path; none: a small BERT with a WordPiece vocabulary trained on the reports")
-    p.add_argument("--freeze-text-layers", type=int, default=0, help="freeze the text embeddings and the first K layers (paper: 6)")
-    p.add_argument("--text-pool", default="max", choices=["max", "mean", "cls"], help="pooling of the token outputs")
+    p.add_argument("--weights", default="none", choices=["imagenet", "none"],
+                   help="image encoder initialisation (ConVIRT: imagenet; none downloads nothing)")
+    p.add_argument("--text-model", default=None, help="Hugging Face encoder name or folder; none: a small BERT "
+                   "with a WordPiece vocabulary built from the reports")
+    p.add_argument("--freeze-text-layers", type=int, default=0, help="freeze the text embeddings and first K layers "
+                   "(ConVIRT: 6)")
+    p.add_argument("--text-pool", default="max", choices=["max", "mean", "cls"], help="pooling of the token outputs "
+                   "(ConVIRT: max)")
     p.add_argument("--proj-dim", type=int, default=512, help="shared embedding dimension (ConVIRT: 512)")
-    # loss
     p.add_argument("--loss", default="sigmoid", choices=["softmax", "sigmoid"], help="InfoNCE or SigLIP pairwise loss")
-    p.add_argument("--tau", type=float, default=0.1, help="softmax temperature (ConVIRT: 0.1)")
-    p.add_argument("--lam", type=float, default=0.75, help="softmax weight of the image->text direction (ConVIRT: 0.75)")
-    p.add_argument("--t-init", type=float, default=10.0, help="sigmoid: initial temperature t = exp(t') (SigLIP: 10)")
-    p.add_argument("--b-init", type=float, default=-10.0, help="sigmoid: initial bias (SigLIP: -10); the heuristic replaces it")
-    p.add_argument("--no-heuristic", action="store_true", help="sigmoid: plain SigLIP, without the anti-collapse heuristic")
-    # optimisation
+    p.add_argument("--temperature", "--tau", dest="tau", type=float, default=0.1,
+                   help="softmax temperature tau (ConVIRT: 0.1)")
+    p.add_argument("--lam", type=float, default=0.75, help="softmax weight of image->text (ConVIRT: 0.75)")
+    p.add_argument("--t-init", type=float, default=10.0, help="sigmoid: initial inverse temperature t = exp(t') "
+                   "(SigLIP: 10; the heuristic starts at least at its floor)")
+    p.add_argument("--b-init", type=float, default=-10.0, help="sigmoid: initial bias (SigLIP: -10); the heuristic "
+                   "replaces it")
+    p.add_argument("--no-heuristic", action="store_true", help="sigmoid: plain SigLIP, without the heuristic")
     p.add_argument("--epochs", type=int, default=None, help="passes over the data (default 50; 150 on the demo data)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch, split over torchrun processes (default 64, for more negatives; ConVIRT: 32, as on the demo data)")
-    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate of the image tower, heads, t and b (ConVIRT: Adam 1e-4; here the course study's 3e-4: on the demo 1e-3 collapsed the sigmoid loss and 3e-4 gave the best held-out retrieval for both losses)")
-    p.add_argument("--text-lr", type=float, default=None,
-                   help="learning rate of the text encoder (default 3e-5 for a pretrained --text-model; --lr for the demo BERT, which starts from scratch)")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (ConVIRT: 1e-6; t' and b get none)")
-    p.add_argument("--warmup", type=float, default=0.05, help="warm-up, as a fraction of all steps, then a cosine decay (ConVIRT halves the lr when its validation loss stalls: a fixed schedule resumes exactly)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="global batch, split over torchrun processes (default 64; ConVIRT: 32, as on the demo)")
+    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate of the image tower, heads, t and b "
+                   "(ConVIRT: Adam 1e-4; 3e-4 chosen on the demo's held-out retrieval)")
+    p.add_argument("--text-lr", type=float, default=None, help="learning rate of the text encoder "
+                   "(default 3e-5 for a pretrained --text-model; --lr for the demo BERT, which starts from scratch)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (ConVIRT: 1e-6; t', b: none)")
+    p.add_argument("--warmup", type=float, default=0.05, help="warm-up as a fraction of all steps, then cosine "
+                   "(ConVIRT halves the lr on a plateau; a fixed schedule resumes exactly)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit; for smoke tests)")
-    # running
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--compile", action="store_true", help="torch.compile the image encoder")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower); with --resume, the same curve")
-    p.add_argument("--out", default=None, help="run folder (default runs/convirt-LOSS-TIME)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     p.add_argument("--eval-every", type=int, default=5, help="epochs between retrieval evaluations (0: never)")
-    p.add_argument("--eval-labels", default=None, help="CheXpert-style label CSV for retrieval (demo: the validate split's studies)")
+    p.add_argument("--eval-labels", default=None, help="CheXpert-style label CSV for retrieval (demo: the validate "
+                   "split's studies)")
     p.add_argument("--eval-root", default=None, help="image root for --eval-labels")
     p.add_argument("--eval-k", type=int, default=10, help="k of Precision@k")
-    args = p.parse_args(argv)
-    if args.resume:  # continue the run as it was started: its args.json, then the flags given again on top
-        saved = Path(args.out or "") / "args.json"
-        if not args.out or not saved.is_file():
-            p.error(f"--resume needs --out, a run folder with its args.json ({saved} not found)")
-        for a in p._actions:  # parse again with no defaults: only the flags given now remain
-            a.default = argparse.SUPPRESS
-        given = vars(p.parse_args(argv))
-        first = {k: v for k, v in json.loads(saved.read_text()).items() if k not in ("max_steps", "overrides")}
-        args = argparse.Namespace(**{**vars(args), **first, **given})
-        args.overrides = {k: v for k, v in given.items() if k not in ("resume", "out") and first.get(k) != v}
-    demo = args.data is None
-    args.arch = args.arch or ("resnet18" if demo else "resnet50")
-    args.size = args.size if args.size is not None else (64 if demo else 224)
-    # demo: 192 pairs make 6 steps an epoch; at lr 3e-4 the loss sits on its collapse value for the
-    # first ~250 steps, and 100 epochs ended at 0.88-0.91 x it, 150 well below (README: the seed table)
-    args.epochs = args.epochs if args.epochs is not None else (150 if demo else 50)
-    args.batch_size = args.batch_size if args.batch_size is not None else (32 if demo else 64)
+    data.add_run_args(p, "convirt-LOSS")
+    args = data.parse_args(p, argv)
+    # demo: 192 pairs make 6 steps an epoch; the loss sits on its collapse value for ~250 steps (RESULTS.md)
+    data.set_defaults(args, arch=("resnet18", "resnet50"), size=(64, 224), epochs=(150, 50), batch_size=(32, 64))
     args.text_lr = args.text_lr if args.text_lr is not None else (3e-5 if args.text_model else args.lr)
     if args.batch_size < 2:
         p.error("--batch-size must be at least 2: a contrastive loss needs negatives in the batch")
@@ -157,24 +93,9 @@ def get_args(argv=None):
 
 # ---------------------------------------------------------------------------------------------- model
 
-def image_encoder(arch, weights):
-    """A torchvision model without its classifier, and its feature dimension. Keys stay torchvision's."""
-    try:
-        net = getattr(torchvision.models, arch)(weights="DEFAULT" if weights == "imagenet" else None)
-    except Exception as e:  # no network, no cached weights
-        raise SystemExit(f"could not get ImageNet weights for {arch} ({type(e).__name__}: {e}); "
-                         "offline? use --weights none, or copy the file into torchvision's cache (~/.cache/torch)") from None
-    if hasattr(net, "fc"):
-        dim, net.fc = net.fc.in_features, nn.Identity()
-    else:
-        dim, net.classifier = net.classifier.in_features, nn.Identity()
-    return net, dim
-
-
 def projection(dim_in, dim_out):
-    """ConVIRT's projection head: one hidden layer with ReLU. No bias on the output: Adam moves a
-    bias as fast as any weight, and one shared vector added to every embedding pulls them all to
-    one point (the docstring's collapse; CLIP's projections have no bias either)."""
+    """ConVIRT's projection head: one hidden layer with ReLU. No bias on the output: Adam moves a bias as fast
+    as any weight, and one vector added to every embedding pulls them all to one point (CLIP has none)."""
     return nn.Sequential(nn.Linear(dim_in, dim_in), nn.ReLU(inplace=True), nn.Linear(dim_in, dim_out, bias=False))
 
 
@@ -233,17 +154,21 @@ def freeze_text_layers(model, k):
     """Freeze the embeddings and the first k transformer layers (ConVIRT froze 6 of ClinicalBERT's 12)."""
     if k == 0:
         return
-    layers = getattr(getattr(model, "encoder", None), "layer", None) or getattr(getattr(model, "encoder", None), "layers", None)
+    encoder = getattr(model, "encoder", None)
+    layers = getattr(encoder, "layer", None) or getattr(encoder, "layers", None)
     if layers is None or k > len(layers):
-        raise SystemExit(f"--freeze-text-layers {k}: the text model has {len(layers) if layers else 'no'} encoder layers")
+        raise SystemExit(f"--freeze-text-layers {k}: the text model has {len(layers) if layers else 'no'} layers")
     for m in [model.embeddings] + list(layers[:k]):
         m.requires_grad_(False)
 
 
 class ConVIRT(nn.Module):
+    """Image tower (ResNet + projection) and text tower (a Hugging Face encoder, pooled, + projection) into one
+    L2-normalised space; t = exp(t') and b are SigLIP's temperature and bias."""
+
     def __init__(self, arch, weights, text_model, proj_dim, pool, t_init, b_init):
         super().__init__()
-        self.image_encoder, dim = image_encoder(arch, weights)
+        self.image_encoder, dim = data.image_encoder(arch, weights)
         self.image_proj = projection(dim, proj_dim)
         self.text_encoder = text_model
         self.text_proj = projection(text_model.config.hidden_size, proj_dim)
@@ -297,6 +222,11 @@ class Tokenize:
 
 
 # ---------------------------------------------------------------------------------------------- losses
+
+def gather(x, world):
+    """The global batch on every rank; its backward carries each rank's gradient home (torch.distributed.nn)."""
+    return torch.cat(dist_nn.all_gather(x), 0) if world > 1 else x
+
 
 def infonce_loss(u, v, tau=0.1, lam=0.75, u_all=None, v_all=None, offset=0):
     """ConVIRT's bidirectional InfoNCE (eq. 2-4): lam * l(image->text) + (1 - lam) * l(text->image).
@@ -359,7 +289,8 @@ def collapse_verdict(loss, collapse_value, spread, evaluation=None, k=10):
     """(collapsed, one line): a run has not collapsed when its loss (the last epoch's mean) is at most
     0.9 x the collapse value, its last logged spread above 0.1 and, if it was evaluated,
     image->image and text->image P@k more than 0.02 above chance."""
-    checks = [(loss <= 0.9 * collapse_value, f"loss {loss:.3f} = {loss / collapse_value:.2f} x the collapse value {collapse_value:.3f}"),
+    ratio = loss / collapse_value
+    checks = [(ratio <= 0.9, f"loss {loss:.3f} = {ratio:.2f} x the collapse value {collapse_value:.3f}"),
               (spread > 0.1, f"spread {spread:.3f}")]
     if evaluation:
         chance = evaluation["chance"]
@@ -446,68 +377,35 @@ def embed_images(model, loader, device, amp):
             out.append(model.encode_image(x.to(device)).float().cpu())
     return torch.cat(out)
 
+def evaluate(model, tokenizer, loader, labels, args, run, epoch):
+    """Retrieval P@k on the labelled set: image->image, and text->image with EVAL_QUERIES; logged and returned."""
+    model.eval()
+    img = embed_images(model, loader, run.device, run.amp)
+    txt = {}
+    with torch.no_grad(), run.amp:
+        for c, name in enumerate(data.CHEXPERT_14):
+            if name in EVAL_QUERIES:
+                tok = tokenizer(EVAL_QUERIES[name], padding=True, truncation=True, max_length=args.max_tokens,
+                                return_tensors="pt").to(run.device)
+                txt[c] = model.encode_text(tok["input_ids"], tok["attention_mask"]).float().cpu()
+    res = retrieval_precision(img, labels, args.eval_k, txt)
+    model.train()
+    rec = {"epoch": epoch, "step": run.step,
+           "eval": {data.CHEXPERT_14[c]: {"i2i": r[0], "t2i": r[1], "chance": r[2]} for c, r in res.items()}}
+    for i, key in enumerate((f"i2i_p@{args.eval_k}", f"t2i_p@{args.eval_k}", "chance")):
+        rec[key] = float(np.mean([r[i] for r in res.values() if r[i] is not None]))
+    run.write(rec)
+    if run.master:
+        print(f"epoch {epoch}: retrieval P@{args.eval_k} image->image {rec[f'i2i_p@{args.eval_k}']:.3f}, "
+              f"text->image {rec[f't2i_p@{args.eval_k}']:.3f} (chance {rec['chance']:.3f})")
+    return rec
+
 
 # ---------------------------------------------------------------------------------------------- main
 
-def setup_distributed(device_arg):
-    """(rank, world size, device); torchrun sets RANK/WORLD_SIZE/LOCAL_RANK. NCCL on GPU, gloo on CPU."""
-    cuda = device_arg.startswith("cuda") or (device_arg == "auto" and torch.cuda.is_available())
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device(("cuda" if device_arg == "auto" else device_arg) if cuda else "cpu")
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    return rank, world, device
-
-
-def gather(x, world):
-    """All-gather that carries gradients back to every rank (torch.distributed.nn)."""
-    return torch.cat(dist_nn.all_gather(x), 0) if world > 1 else x
-
-
-def to_cpu(obj):
-    """The same nesting of dicts and lists with every tensor on the CPU."""
-    if torch.is_tensor(obj):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
-
-
-def atomic_save(obj, path):
-    tmp = f"{path}.tmp"
-    torch.save(to_cpu(obj), tmp)  # CPU tensors: a GPU run's checkpoint loads on any machine
-    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
-
-
-def main(argv=None):
-    args = get_args(argv)
-    rank, world, device = setup_distributed(args.device)
-    master = rank == 0
-    if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world})")
-    local_bs = args.batch_size // world
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    cuda = device.type == "cuda"
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-
-    out = Path(args.out or f"runs/convirt-{args.loss}-{time.strftime('%Y%m%d-%H%M%S')}")
-    ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists() and not args.resume:
-        raise SystemExit(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
-    if args.resume and not ckpt_path.exists():
-        raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
-
-    # data: (image, report) pairs; on the demo, its train split, and its validate split for retrieval
-    # (the test split's patients are never seen here)
+def load_pairs(args):
+    """(paths, sentences, reports, eval paths, eval labels): the training pairs with text and, for
+    retrieval, a labelled set (the demo: its validate split; the test split's patients are never seen)."""
     eval_paths = eval_labels = None
     if args.data is None:
         paths, reports, _ = data.demo_pairs(split="train")
@@ -525,229 +423,120 @@ def main(argv=None):
         eval_paths, eval_labels, _ = data.read_chexpert_labels(args.eval_labels, "zeros", image_root=args.eval_root)
     sentences = [data.report_sentences(r) for r in reports]
     keep = [i for i, s in enumerate(sentences) if s]
-    if len(keep) < len(paths) and master:
-        print(f"{len(paths) - len(keep)} reports have no text and are left out", file=sys.stderr)
-    paths, sentences = [paths[i] for i in keep], [sentences[i] for i in keep]
-    if len(paths) < args.batch_size:
-        raise SystemExit(f"only {len(paths)} image-report pairs, fewer than --batch-size {args.batch_size}")
+    if len(keep) < len(paths):
+        print(f"{len(paths) - len(keep)} reports have no text and are left out")
+    return [paths[i] for i in keep], [sentences[i] for i in keep], reports, eval_paths, eval_labels
 
-    cache = args.cache_dir or None
-    if world > 1 and not master:
-        dist.barrier()  # rank 0 builds the decode cache first; the others then only read it
-    # workers read uint8 images, cached a little larger than the crop, and tokenise; augmentation is on the device
+
+def main(argv=None):
+    args = get_args(argv)
+    run = data.Run(args, f"convirt-{args.loss}")  # process group, device, seeds, run folder, checkpoint to resume
+    paths, sentences, reports, eval_paths, eval_labels = load_pairs(args)
     pick = RandomSentence(args.seed)
-    dataset = data.ImageDataset(paths, list(enumerate(sentences)), None, pick, size=data.train_side(args.size), channels=1,
-                                cache_dir=cache, skip_bad=args.skip_bad, workers=args.workers, progress=master, uint8=True)
-    augment = data.BatchAugment("convirt", args.size, 1, hflip=args.hflip)
-    if world > 1 and master:
-        dist.barrier()
-    if len(dataset) < args.batch_size:  # --skip-bad can leave fewer readable images than one batch
-        raise SystemExit(f"only {len(dataset)} readable image-report pairs of {len(paths)} ({len(dataset.skipped)} unreadable, "
-                         f"skipped), fewer than --batch-size {args.batch_size}")
+    with run.rank0_first():  # workers read uint8 images, cached a little larger than the crop, and tokenise
+        dataset = data.ImageDataset(paths, list(enumerate(sentences)), None, pick, size=data.train_side(args.size),
+                                    channels=1, cache_dir=args.cache_dir or None, skip_bad=args.skip_bad,
+                                    workers=args.workers, progress=run.master, uint8=True)
+    augment = data.BatchAugment("convirt", args.size, 1, hflip=args.hflip)  # drawn on the device
 
-    # text model: named, or the demo's small BERT (resumed runs rebuild it from the checkpoint)
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False) if args.resume else None
+    # text model: named, or the demo's small BERT (a resumed run rebuilds it from the checkpoint)
     if args.text_model:
         tokenizer, text_model = hub_text_model(args.text_model)
         tokenizer_json = None
+    elif run.state:
+        from transformers import BertConfig, BertModel
+
+        tokenizer_json = run.state["tokenizer_json"]
+        text_model = BertModel(BertConfig.from_dict(run.state["text_config"]), add_pooling_layer=False)
     else:
         tokenizer_json, text_model = demo_text_model(reports, args.seed)
-        if state:
-            from transformers import BertConfig, BertModel
-
-            tokenizer_json = state["tokenizer_json"]
-            text_model = BertModel(BertConfig.from_dict(state["text_config"]), add_pooling_layer=False)
-        tokenizer = wrap_tokenizer(tokenizer_json)
+    tokenizer = tokenizer if args.text_model else wrap_tokenizer(tokenizer_json)
     freeze_text_layers(text_model, args.freeze_text_layers)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the fast tokenizer's threads do not survive a fork
+    loader = run.loader(dataset, Tokenize(tokenizer, args.max_tokens), what="image-report pairs")
 
-    heuristic = args.loss == "sigmoid" and not args.no_heuristic
-    n = args.batch_size
-    pos_weight = n - 1 if heuristic else 1.0  # the positives weigh as much as the N-1 negatives
+    # ALGORITHM: the heuristic's weights and starting point (RESULTS.md, "Sigmoid loss collapse")
+    heuristic, n = args.loss == "sigmoid" and not args.no_heuristic, args.batch_size
+    pos_weight = n - 1 if heuristic else 1.0  # the N positives weigh as much as the N(N-1) negatives
     b_init = prior_logit(n, pos_weight) if heuristic else args.b_init  # the loss starts at its collapse value
+    t_min = t_floor(n) if heuristic else 1e-2
     collapse_value = collapse_loss(n, pos_weight) if args.loss == "sigmoid" else softmax_collapse_loss(n)
-    model = ConVIRT(args.arch, args.weights, text_model, args.proj_dim, args.text_pool, args.t_init, b_init).to(device)
-    if args.loss == "softmax":  # t and b unused: frozen, or DDP would wait for their gradients and skip averaging
+    model = ConVIRT(args.arch, args.weights, text_model, args.proj_dim, args.text_pool, max(args.t_init, t_min), b_init)
+    if args.loss == "softmax":  # t and b unused: frozen, or DDP would wait for their gradients
         model.t_prime.requires_grad_(False)
         model.bias.requires_grad_(False)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
-    if world > 1 and cuda:  # BatchNorm statistics over the global batch (SyncBatchNorm is GPU-only; on CPU, per process)
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = run.prepare(model)
     text_params = [p for p in model.text_encoder.parameters() if p.requires_grad]
     scalars = [p for p in (model.t_prime, model.bias) if p.requires_grad]  # no decay on t' and b (open_clip)
     other = [p for name, p in model.named_parameters()
              if not name.startswith("text_encoder.") and name not in ("t_prime", "bias") and p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": other, "lr": args.lr}, {"params": text_params, "lr": args.text_lr},
-                                   {"params": scalars, "lr": args.lr, "weight_decay": 0.0}], weight_decay=args.weight_decay)
-    steps_per_epoch = len(dataset) // args.batch_size
-    total = args.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, max(1, int(args.warmup * total))))
-    start_epoch, step = 0, 0
-    if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, step = state["epoch"] + 1, state["step"]
+                                   {"params": scalars, "lr": args.lr, "weight_decay": 0.0}],
+                                  weight_decay=args.weight_decay)
+    total = args.epochs * len(loader)
+    warmup = max(1, int(args.warmup * total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
+    run.checkpoint(method="convirt", arch=args.arch, encoder=model.image_encoder, model=model,
+                   text_model=args.text_model or "demo-bert", text_config=model.text_encoder.config.to_dict(),
+                   tokenizer_json=tokenizer_json, optimizer=optimizer, scheduler=scheduler)
     if args.compile:
         model.image_encoder.compile()  # in place: the state dict keeps torchvision's key names
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None) if world > 1 else model
-    raw = model  # the module whose state dict is saved (torchvision key names, no 'module.' prefix)
-
-    sampler = torch.utils.data.distributed.DistributedSampler(dataset, world, rank, shuffle=True, seed=args.seed,
-                                                              drop_last=True)
-    # persistent workers: their only random draw, the sentence, is a function of (seed, epoch, study); their
-    # base seed comes from a generator of the loader's own, so the global stream (dropout) does not depend
-    # on the epoch the workers started in
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the fast tokenizer's threads do not survive a fork
-    loader = torch.utils.data.DataLoader(dataset, batch_size=local_bs, sampler=sampler, num_workers=args.workers,
-                                         collate_fn=Tokenize(tokenizer, args.max_tokens), pin_memory=cuda,
-                                         drop_last=True, persistent_workers=args.workers > 0,
-                                         generator=torch.Generator().manual_seed(args.seed))
+    ddp_model = run.distribute(model)
     eval_loader = None
     if eval_paths is not None and args.eval_every:  # every rank evaluates, so none waits for rank 0 in a collective
         eval_ds = data.ImageDataset(eval_paths, None, data.eval_transform(args.size), size=args.size, channels=1,
-                                    cache_dir=cache, skip_bad=args.skip_bad)
+                                    cache_dir=args.cache_dir or None, skip_bad=args.skip_bad)
         eval_loader = torch.utils.data.DataLoader(eval_ds, batch_size=64, num_workers=0)
-        eval_labels_t = torch.as_tensor(eval_labels)[torch.as_tensor(eval_ds.index)]
+        eval_labels = torch.as_tensor(eval_labels)[torch.as_tensor(eval_ds.index)]
+    run.start(f"convirt: {len(dataset)} pairs, {args.arch} + {args.text_model or 'demo BERT'}, loss {args.loss}"
+              + (" + heuristic" if heuristic else ""))
 
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        if args.resume:  # the first args.json stays; each resume is recorded beside it
-            with open(out / "resumes.jsonl", "a") as f:
-                f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "overrides": args.overrides}) + "\n")
-            print(f"resuming {out} as it was started" + (f", with overrides {args.overrides}" if args.overrides else ""))
-        else:
-            (out / "args.json").write_text(json.dumps(vars(args), indent=1))
-        print(f"convirt: {len(dataset)} pairs, {args.arch} + {args.text_model or 'demo BERT'}, loss {args.loss}"
-              f"{' + heuristic' if heuristic else ''}, {world} process(es) on {device}, run folder {out}")
-    log = open(out / "log.jsonl", "a") if master else None
-
-    def evaluate(epoch):
-        model.eval()
-        img = embed_images(raw, eval_loader, device, amp)
-        txt = {}
-        names = data.CHEXPERT_14
-        with torch.no_grad(), amp:
-            for c, name in enumerate(names):
-                if name in EVAL_QUERIES:
-                    tok = tokenizer(EVAL_QUERIES[name], padding=True, truncation=True, max_length=args.max_tokens,
-                                    return_tensors="pt").to(device)
-                    txt[c] = raw.encode_text(tok["input_ids"], tok["attention_mask"]).float().cpu()
-        res = retrieval_precision(img, eval_labels_t, args.eval_k, txt)
-        model.train()
-        rec = {"epoch": epoch, "step": step, "eval": {names[c]: {"i2i": r[0], "t2i": r[1], "chance": r[2]} for c, r in res.items()}}
-        mean = lambda i: float(np.mean([r[i] for r in res.values() if r[i] is not None]))  # noqa: E731
-        rec.update({f"i2i_p@{args.eval_k}": mean(0), f"t2i_p@{args.eval_k}": mean(1), "chance": mean(2)})
-        if master:
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            print(f"epoch {epoch}: retrieval P@{args.eval_k} image->image {mean(0):.3f}, text->image {mean(1):.3f} "
-                  f"(chance {mean(2):.3f})")
-        return rec
-
-    warned = False
     last_eval = last_rec = None
-    ddp.train()
-    for epoch in range(start_epoch, args.epochs):
-        # every epoch's randomness is a function of (seed, epoch): a resumed run draws what it would have
-        torch.manual_seed(args.seed * 100003 + epoch)
-        views = data.epoch_generator(device, args.seed, epoch, rank)
-        pick.epoch.fill_(epoch)
-        sampler.set_epoch(epoch)
-        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not master, leave=False)
-        t0 = time.time()
-        loss_sum, n_steps = torch.zeros((), device=device), 0  # summed on the device: no sync per step
-        for i, (x, ids, mask) in enumerate(bar, 1):
-            x = augment(x.to(device, non_blocking=True), views)
-            ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with amp:
-                u, v = ddp(x, ids, mask)
-            u_all, v_all = gather(u, world), gather(v, world)
-            offset = rank * u.shape[0]
+    for epoch, views in run.epochs():
+        pick.epoch.fill_(epoch)  # the workers' sentence draw is a function of (seed, epoch, study)
+        for x, ids, mask in run.batches(loader):
+            # ALGORITHM: both towers, the global batch, one of the two losses
+            x = augment(x.to(run.device, non_blocking=True), views)
+            ids, mask = ids.to(run.device, non_blocking=True), mask.to(run.device, non_blocking=True)
+            with run.amp:
+                u, v = ddp_model(x, ids, mask)
+            u_all, v_all = gather(u, run.world), gather(v, run.world)
+            offset = run.rank * u.shape[0]
             if args.loss == "softmax":
                 loss = infonce_loss(u, v, args.tau, args.lam, u_all, v_all, offset)
-                t = b = None
             else:
-                t = raw.t_prime.exp().clamp(max=100.0)  # open_clip's ceiling on the logit scale
-                if heuristic:
-                    t = t.clamp(min=t_floor(u_all.shape[0]))
-                b = raw.bias
-                loss = sigmoid_loss(u, v, t, b, v_all, offset, pos_weight)
+                t = model.t_prime.exp()
+                loss = sigmoid_loss(u, v, t, model.bias, v_all, offset, pos_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if args.clip:
-                torch.nn.utils.clip_grad_norm_(raw.parameters(), args.clip)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             optimizer.step()
             scheduler.step()
-            step += 1
-            loss_sum += loss.detach()
-            n_steps += 1
-            if step % args.log_every == 0 or step == 1:
-                lv = loss.detach()
-                if world > 1:
-                    dist.all_reduce(lv)
-                    lv /= world
-                lv = float(lv)
-                if not math.isfinite(lv):
-                    raise SystemExit(f"loss is {lv} at step {step} (epoch {epoch}): stopping; the last good "
-                                     f"checkpoint, if any, is untouched at {ckpt_path}")
+            with torch.no_grad():  # t's bounds on the parameter after the step (open_clip); in the graph: zero gradient
+                model.t_prime.clamp_(math.log(t_min), math.log(100.0))
+            if run.track(loss):
                 gap, spread = collapse_metrics(u_all.detach().float(), v_all.detach().float())
-                rec = {"step": step, "epoch": epoch, "loss": lv, "collapse_loss": collapse_value, "lr": scheduler.get_last_lr()[0],
-                       "gap": gap, "spread": spread, "img_per_s": round(i * args.batch_size / max(time.time() - t0, 1e-9), 1)}
-                if t is not None:
-                    rec.update(t=float(t.detach()), b=float(b.detach()))
-                if spread < 0.1 and not warned and master:
-                    warned = True
-                    warnings.warn(f"step {step}: the embeddings are collapsing (spread {spread:.3f} < 0.1, diagonal gap "
-                                  f"{gap:.3f}, loss {lv:.3f} against the collapse value {collapse_value:.3f}). A dip "
-                                  "before the loss leaves its collapse value can recover (the line at the end says); "
-                                  f"if it stays: {collapse_advice(args)}")
-                rec["collapsed"] = spread < 0.1
-                last_rec = rec
-                if master:
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                    bar.set_postfix(loss=f"{lv:.3f}", **({"t": f"{rec['t']:.2f}", "b": f"{rec['b']:.2f}"} if t is not None else {}),
-                                    gap=f"{gap:.2f}", spread=f"{spread:.2f}")
-            if args.max_steps and step >= args.max_steps:
-                break
-        if world > 1:
-            dist.all_reduce(loss_sum)
-            loss_sum /= world
-        # one batch's loss swings by several percent: the epoch's mean is what the verdict reads
-        epoch_rec = {"epoch": epoch, "step": step, "epoch_loss": float(loss_sum) / max(n_steps, 1),
-                     "collapse_loss": collapse_value}
-        if master:
-            log.write(json.dumps(epoch_rec) + "\n")
-            if dataset.skipped:
-                print(dataset.report_skipped(), file=sys.stderr)
-            lv = float(loss.detach())
-            if not math.isfinite(lv):
-                raise SystemExit(f"loss is {lv} at the end of epoch {epoch}: stopping; checkpoint untouched at {ckpt_path}")
-            atomic_save({"method": "convirt", "arch": args.arch, "encoder": raw.image_encoder.state_dict(),
-                         "model": raw.state_dict(), "text_model": args.text_model or "demo-bert",
-                         "text_config": raw.text_encoder.config.to_dict(), "tokenizer_json": tokenizer_json,
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "epoch": epoch, "step": step, "args": vars(args)}, ckpt_path)
+                scalars = {"t": float(t.detach()), "b": float(model.bias.detach())} if args.loss == "sigmoid" else {}
+                last_rec = run.log(collapse_loss=collapse_value, lr=scheduler.get_last_lr()[0], gap=gap, spread=spread,
+                                   **scalars, collapsed=spread < 0.1)
+                run.warn_once(spread < 0.1, f"step {run.step}: the embeddings are collapsing (spread {spread:.3f}, "
+                              f"gap {gap:.3f}, loss {last_rec['loss']:.3f}, collapse value {collapse_value:.3f}). A dip "
+                              f"can recover (the line at the end says); if it stays: {collapse_advice(args)}")
+        epoch_loss = run.epoch_loss()  # one batch swings by several percent: the epoch's mean is what the verdict reads
+        run.write({"epoch": epoch, "step": run.step, "epoch_loss": epoch_loss, "collapse_loss": collapse_value})
         if eval_loader is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            last_eval = evaluate(epoch)
-        if args.max_steps and step >= args.max_steps:
-            break
-    if master:
-        if last_rec is not None:
-            collapsed, verdict = collapse_verdict(epoch_rec["epoch_loss"], collapse_value, last_rec["spread"], last_eval,
-                                                  args.eval_k)
-            log.write(json.dumps({"step": step, "collapsed": collapsed, "verdict": verdict}) + "\n")
-            print(verdict + ("" if not collapsed else f" {collapse_advice(args)}"))
-        log.close()
-        print(f"checkpoint: {ckpt_path}")
+            last_eval = evaluate(model, tokenizer, eval_loader, eval_labels, args, run, epoch)
+    if run.master and last_rec is not None:
+        collapsed, verdict = collapse_verdict(epoch_loss, collapse_value, last_rec["spread"], last_eval, args.eval_k)
+        run.write({"step": run.step, "collapsed": collapsed, "verdict": verdict})
+        print(verdict + ("" if not collapsed else f" {collapse_advice(args)}"))
+    run.finish()
+    if run.master:
+        print(f"checkpoint: {run.ckpt_path}")
         task = "--task rsna" if args.data is None else "--task rsna --data /path/to/rsna"
         if (Path(__file__).parent / "finetune.py").exists():
-            print(f"evaluate it: python finetune.py --ckpt {ckpt_path} {task} --arch {args.arch} --init random")
-    if world > 1:
-        dist.destroy_process_group()
+            print(f"evaluate it: python finetune.py --ckpt {run.ckpt_path} {task} --arch {args.arch} --init random")
     return last_eval
 
 

@@ -14,15 +14,16 @@ stores them, for the batched augmentation). Every reading error is a
 `BadImageError` whose message starts with the file's path and says the cause.
 """
 import argparse
+import contextlib
 import csv
-import fcntl
-import hashlib
 import json
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -693,6 +694,26 @@ def label_fraction(labels, fraction, seed=0):
 # Decode cache
 # ----------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def file_lock(path):
+    """Hold an exclusive lock on `path` for the block (torchrun ranks may ask at once): fcntl, or msvcrt on Windows."""
+    with open(path, "a+") as f:
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            import msvcrt
+
+            while True:
+                try:
+                    msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)
+                    break
+                except OSError:  # LK_LOCK gives up after 10 s: keep waiting
+                    pass
+        else:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
 def default_cache_dir():
     return os.environ.get("MEDSSL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "medssl"))
 
@@ -749,8 +770,7 @@ class DecodeCache:
                 keys.append(None)
             else:
                 keys.append(self.key(p))
-        with open(self.dir / "lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with file_lock(self.dir / "lock"):
             index = self._load_index()
             todo = sorted({(k, p) for k, p in zip(keys, paths) if k and k not in index["slots"] and k not in index["bad"]})
             self.misses, self.hits = len(todo), len(paths) - len(todo)
@@ -1172,452 +1192,468 @@ class BatchAugment:
             on, top, left, h, w, found = (t.reshape(-1, 1, 1, 1) for t in q["erase"])
             box = (r >= top) & (r < top + h) & (c >= left) & (c < left + w)
             x = x.masked_fill(box & on & found, 0.0)
-        return ToRGBNormalized()(x)
-
+        x = ToRGBNormalized()(x)
+        return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x  # the encoders' fastest layout
 
 # ----------------------------------------------------------------------------------
-# The built-in demo data set
+# Run mechanics: the same in every script, nothing of any method
 # ----------------------------------------------------------------------------------
+# The scripts keep what teaches their method (model, loss, the all-gather that gives the loss its global
+# batch, optimiser, schedule, the training step); what follows is what every one of them does alike.
 
-DEMO_VERSION = 3  # 2: 600 RSNA-style images (was 200), RSNA and cytology on their own random streams; 3: a MIMIC test split
-LOBES = {  # (centre u, centre v) in the phantom's [-1, 1] frame; the patient's right is the image's left
-    "right upper lobe": (-0.38, -0.32), "right middle lobe": (-0.36, 0.08), "right lower lobe": (-0.40, 0.34),
-    "left upper lobe": (0.40, -0.30), "left lower lobe": (0.42, 0.32),
-}
-FINDINGS = ["consolidation", "effusion", "cardiomegaly", "pneumothorax"]
-
-
-def _smooth_noise(rng, size, scale):
-    """Band-limited noise in [-1, 1]: white noise blurred by a Gaussian of `scale` pixels."""
-    n = torch.from_numpy(rng.standard_normal((1, 1, size, size)).astype(np.float32))
-    k = max(3, int(scale * 3) | 1)
-    blur = T.GaussianBlur(k, sigma=scale)
-    n = blur(n)[0, 0].numpy()
-    return n / (np.abs(n).max() + 1e-8)
-
-
-def _soft(d, edge):
-    """Soft inside-mask from a signed distance (negative inside)."""
-    return 1.0 / (1.0 + np.exp(np.clip(d / edge, -50, 50)))
+def add_run_args(p, name):
+    """The flags every pretraining script has: data loading, running, the run folder and its checkpoints."""
+    p.add_argument("--size", type=int, default=None, help="image side in pixels (default 224; 64 on the demo data)")
+    p.add_argument("--cache-dir", default=default_cache_dir(), help="decode cache folder; '' decodes on the fly")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed each epoch) instead of stopping")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit; for smoke tests)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--compile", action="store_true", help="torch.compile the image encoder")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower); with --resume, the same curve")
+    p.add_argument("--out", default=None, help=f"run folder (default runs/{name}-TIME)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, inside an epoch too")
+    p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: at each epoch's end only)")
+    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
 
 
-def chest_phantom(rng, size, findings):
-    """A frontal chest radiograph phantom in display space [0, 1] (bone bright, air dark).
-
-    findings: dict with optional 'consolidation' (list of lobes), 'effusion' ('left'|'right'|
-    'bilateral'), 'cardiomegaly' (True), 'pneumothorax' ('left'|'right'). Position, size,
-    rotation, exposure and noise vary from image to image.
-    """
-    s = size
-    y, x = np.mgrid[0:s, 0:s].astype(np.float64) / (s - 1) * 2 - 1
-    ang = rng.uniform(-0.08, 0.08)
-    sc = rng.uniform(0.9, 1.08)
-    dx, dy = rng.uniform(-0.06, 0.06, 2)
-    u = (np.cos(ang) * (x - dx) + np.sin(ang) * (y - dy)) / sc
-    v = (-np.sin(ang) * (x - dx) + np.cos(ang) * (y - dy)) / sc
-    e = 2.0 / s  # edge softness of about one pixel
-    img = np.full((s, s), 0.04)
-    torso = _soft(np.sqrt((u / 0.92) ** 2 + ((v - 0.15) / 1.05) ** 2) - 1, e * 3)
-    img += 0.42 * torso
-    lung_r = _soft(np.sqrt(((u + 0.38) / 0.27) ** 2 + ((v + 0.02) / 0.56) ** 2) - 1, e * 2)
-    lung_l = _soft(np.sqrt(((u - 0.38) / 0.26) ** 2 + ((v + 0.04) / 0.54) ** 2) - 1, e * 2)
-    # lung markings: fine vessels fading to the periphery
-    markings = 0.06 * np.clip(_smooth_noise(rng, s, s / 60), 0, 1) * (1 - 0.6 * np.abs(u))
-    lung_r_val = lung_r * (0.26 - markings)
-    lung_l_val = lung_l * (0.26 - markings)
-    if findings.get("pneumothorax"):
-        side = findings["pneumothorax"]
-        cu = -0.38 if side == "right" else 0.38
-        # collapsed lung edge: lateral/apical rim with no markings, very dark, and a thin pleural line
-        r = np.sqrt(((u - cu) / 0.27) ** 2 + ((v + 0.02) / 0.56) ** 2)
-        rim = _soft(0.72 - r, e * 3) * (lung_r if side == "right" else lung_l)
-        line = np.exp(-((r - 0.72) / 0.025) ** 2) * (lung_r if side == "right" else lung_l)
-        val = lung_r_val if side == "right" else lung_l_val
-        val = val + rim * (0.12 + markings) - 0.03 * line
-        if side == "right":
-            lung_r_val = val
-        else:
-            lung_l_val = val
-    img -= lung_r_val + lung_l_val
-    # heart: mostly on the image's right (the patient's left); larger with cardiomegaly
-    cs = rng.uniform(1.32, 1.5) if findings.get("cardiomegaly") else rng.uniform(0.9, 1.08)
-    heart = _soft(np.sqrt(((u - 0.12) / (0.25 * cs)) ** 2 + ((v - 0.3) / (0.22 * cs ** 0.6)) ** 2) - 1, e * 2)
-    img = img * (1 - heart) + heart * 0.5
-    img += 0.2 * _soft(np.abs(u) - 0.07, e) * torso  # spine
-    for k in range(9):  # ribs: curved bands across each lung
-        rv = -0.72 + 0.16 * k + 0.22 * u ** 2
-        img += 0.08 * np.exp(-((v - rv) / 0.025) ** 2) * (lung_r + lung_l) * _soft(np.abs(u) - 0.7, e)
-    for side in (-1, 1):  # clavicles
-        cv = -0.72 + 0.12 * (side * u - 0.2) ** 2
-        img += 0.12 * np.exp(-((v - cv) / 0.03) ** 2) * _soft(np.abs(u - side * 0.35) - 0.3, e)
-    for lobe in findings.get("consolidation", []):
-        cu, cv = LOBES[lobe]
-        lung = lung_r if cu < 0 else lung_l
-        blob = _soft(np.sqrt(((u - cu) / 0.17) ** 2 + ((v - cv) / 0.15) ** 2) - 1, 0.08)
-        patch = 0.5 + 0.5 * _smooth_noise(rng, s, s / 25)
-        img += 0.22 * blob * np.clip(patch, 0.2, 1) * lung
-    eff = findings.get("effusion")
-    if eff:
-        for side in (("left", "right") if eff == "bilateral" else (eff,)):
-            cu = -0.38 if side == "right" else 0.38
-            lung = lung_r if side == "right" else lung_l
-            level = rng.uniform(0.18, 0.32)
-            # meniscus: fluid climbs laterally, blunting the costophrenic angle
-            meniscus = level - 0.35 * np.clip(np.abs(u - cu) * np.sign(cu) * np.sign(u) - 0.05, 0, 1) * (np.sign(u) == np.sign(cu))
-            img += 0.24 * _soft(meniscus - v, 0.03) * lung
-    gamma = rng.uniform(0.8, 1.25)  # exposure
-    img = np.clip(img, 0, 1) ** gamma * rng.uniform(0.9, 1.1)
-    img += rng.normal(0, 0.015, (s, s))
-    return np.clip(img, 0, 1).astype(np.float32)
+def add_image_args(p, demo="xray"):
+    """The data, encoder and kNN-monitor flags of the image-only scripts (simclr, byol, barlow)."""
+    p.add_argument("--data", default=None, help="folder of images/DICOMs or a CSV of paths; none: the demo data")
+    p.add_argument("--image-col", default="path", help="CSV column with the image path")
+    p.add_argument("--demo", default=demo, choices=["xray", "cytology"], help="which demo images, without --data")
+    p.add_argument("--aug", default=None, choices=PRESETS, help="augmentation preset (default: xray for grayscale or "
+                   "DICOM images, cytology-A for colour ones)")
+    p.add_argument("--clahe", action="store_true", help="CLAHE on each image before the augmentation (needs scikit-image)")
+    p.add_argument("--channels", type=int, default=None, choices=[1, 3],
+                   help="image channels read (default 3 for cytology presets, else 1)")
+    p.add_argument("--arch", default=None, choices=["resnet18", "resnet50"], help="encoder (default resnet50; "
+                   "resnet18 on the demo)")
+    p.add_argument("--weights", default="none", choices=["imagenet", "none"], help="encoder initialisation")
+    p.add_argument("--knn-every", type=int, default=5, help="epochs between kNN evaluations (0: never)")
+    p.add_argument("--eval-data", default=None,
+                   help="labelled set for the kNN monitor: class folders or a CSV (path,label); 'demo' on the demo data")
+    p.add_argument("--knn-k", type=int, default=10, help="neighbours in the kNN monitor")
 
 
-_SENTENCES = {
-    "normal_lungs": ["The lungs are clear.", "No focal consolidation is seen.", "Lungs are well expanded and clear.",
-                     "There is no focal airspace opacity."],
-    "normal_pleura": ["No pleural effusion or pneumothorax.", "There is no pleural effusion or pneumothorax.",
-                      "No effusion. No pneumothorax is seen."],
-    "normal_heart": ["Heart size is normal.", "The cardiomediastinal silhouette is within normal limits.",
-                     "Cardiac and mediastinal contours are normal."],
-    "consolidation": ["There is consolidation in the {lobe}.", "Focal airspace opacity is present in the {lobe}.",
-                      "Patchy consolidation is seen within the {lobe}."],
-    "effusion": ["There is a {side} pleural effusion.", "A {side} pleural effusion blunts the costophrenic angle.",
-                 "Small {side} pleural effusion is present."],
-    "cardiomegaly": ["The heart is enlarged.", "Cardiomegaly is present.", "Moderate enlargement of the cardiac silhouette."],
-    "pneumothorax": ["There is a {side} pneumothorax.", "A {side} apical pneumothorax is seen.",
-                     "{Side} pneumothorax with visible pleural line."],
-    "imp_normal": ["No acute cardiopulmonary process.", "Normal chest radiograph.", "No acute intrathoracic abnormality."],
-    "imp_consolidation": ["{Lobe} consolidation, concerning for pneumonia.", "{Lobe} pneumonia.",
-                          "Opacity in the {lobe} may represent pneumonia."],
-    "imp_effusion": ["{Side} pleural effusion.", "{Side} effusion."],
-    "imp_cardiomegaly": ["Cardiomegaly.", "Enlarged heart."],
-    "imp_pneumothorax": ["{Side} pneumothorax.", "{Side} pneumothorax, findings discussed with Dr. Smith at 3.5 p.m."],
-}
+def parse_args(p, argv=None):
+    """Parse; with --resume, the run's own args.json under the flags given again (listed in args.overrides)."""
+    args = p.parse_args(argv)
+    if not args.resume:
+        return args
+    saved = Path(args.out or "") / "args.json"
+    if not args.out or not saved.is_file():
+        p.error(f"--resume needs --out, a run folder with its args.json ({saved} not found)")
+    unset = object()  # argparse fills only the attributes a namespace lacks: what stays `unset` was not given
+    given = {k: v for k, v in vars(p.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)}))).items()
+             if v is not unset}
+    first = {k: v for k, v in json.loads(saved.read_text()).items() if k not in ("max_steps", "overrides")}
+    args = argparse.Namespace(**{**vars(args), **first, **given})
+    args.overrides = {k: v for k, v in given.items() if k not in ("resume", "out") and first.get(k) != v}
+    return args
 
 
-def _random_findings(rng):
-    f = {}
-    r = rng.random()
-    if r < 0.3:
-        return f  # normal
-    if rng.random() < 0.45:
-        f["consolidation"] = list(rng.choice(list(LOBES), size=1 if rng.random() < 0.8 else 2, replace=False))
-    if rng.random() < 0.3:
-        f["effusion"] = str(rng.choice(["left", "right", "bilateral"]))
-    if rng.random() < 0.3:
-        f["cardiomegaly"] = True
-    if rng.random() < 0.2:
-        f["pneumothorax"] = str(rng.choice(["left", "right"]))
-    if not f:
-        f["consolidation"] = [str(rng.choice(list(LOBES)))]
-    return f
+def set_defaults(args, **pairs):
+    """Each flag left at None gets its (demo value, value with --data)."""
+    for name, (on_demo, on_data) in pairs.items():
+        if getattr(args, name) is None:
+            setattr(args, name, on_demo if args.data is None else on_data)
 
 
-def _matches(sentence, templates):
-    """Whether a sentence was made from one of the templates (their {placeholders} as wildcards)."""
-    return any(re.fullmatch(re.sub(r"\\\{\w+\\\}", ".+", re.escape(t)), sentence) for t in templates)
+def image_defaults(p, args):
+    """The image-only scripts' defaults that depend on the data, and the checks they share."""
+    set_defaults(args, arch=("resnet18", "resnet50"), size=(64, 224))
+    if args.data is None:  # with --data and no --aug, the preset is chosen from the images (image_paths)
+        args.aug = args.aug or ("xray" if args.demo == "xray" else "cytology-A")
+        args.eval_data = args.eval_data or "demo"
+    if args.aug:
+        args.channels = args.channels or (3 if args.aug.startswith("cytology") else 1)
+    if args.batch_size < 2:
+        p.error("--batch-size must be at least 2: a batch statistic (BatchNorm, negatives, correlation) needs two")
+    if args.lr <= 0:
+        p.error("--lr must be > 0")
+    if args.epochs < 1 or args.size < 16:
+        p.error("--epochs must be >= 1 and --size >= 16")
+    return args
 
 
-def demo_report(rng, findings):
-    """A MIMIC-CXR-style report (FINAL REPORT banner, FINDINGS, IMPRESSION) describing `findings`."""
-    pick = lambda k, **kw: str(rng.choice(_SENTENCES[k])).format(**kw)  # noqa: E731
-    fnd, imp = [], []
-    uncertain = False
-    for lobe in findings.get("consolidation", []):
-        fnd.append(pick("consolidation", lobe=lobe))
-        s = pick("imp_consolidation", lobe=lobe, Lobe=lobe.capitalize())
-        uncertain |= "may represent" in s
-        imp.append(s)
-    if not findings.get("consolidation"):
-        fnd.append(pick("normal_lungs"))
-    if findings.get("effusion"):
-        side = "bilateral" if findings["effusion"] == "bilateral" else findings["effusion"]
-        fnd.append(pick("effusion", side=side))
-        imp.append(pick("imp_effusion", Side=side.capitalize()))
-    if findings.get("pneumothorax"):
-        side = findings["pneumothorax"]
-        fnd.append(pick("pneumothorax", side=side, Side=side.capitalize()))
-        imp.append(pick("imp_pneumothorax", Side=side.capitalize()))
-    if not findings.get("effusion") and not findings.get("pneumothorax"):
-        fnd.append(pick("normal_pleura"))
-    fnd.append(pick("cardiomegaly") if findings.get("cardiomegaly") else pick("normal_heart"))
-    if findings.get("cardiomegaly"):
-        imp.append(pick("imp_cardiomegaly"))
-    if not imp:
-        imp.append(pick("imp_normal"))
-    if findings:  # abnormal studies keep one normal statement at most, so most sentences carry a finding
-        abnormal_keys = ("consolidation", "effusion", "cardiomegaly", "pneumothorax")
-        is_abn = [any(_matches(s, _SENTENCES[k]) for k in abnormal_keys) for s in fnd]
-        normals = [i for i, a in enumerate(is_abn) if not a]
-        drop = set(normals[1:]) if normals else set()
-        fnd = [s for i, s in enumerate(fnd) if i not in drop]
-    order = rng.permutation(len(fnd))
-    fnd = [fnd[i] for i in order]
-    # wrap lines at ~70 characters as the archive's reports are
-    body = " ".join(fnd)
-    wrapped = re.sub(r"(.{1,68})(\s+|$)", r"\1\n ", body).rstrip()
-    imp_text = " ".join(f"{i + 1}. {s}" for i, s in enumerate(imp)) if len(imp) > 1 else imp[0]
-    text = ("                                 FINAL REPORT\n EXAMINATION:  CHEST (PA AND LAT)\n \n"
-            f" INDICATION:  ___ with {str(rng.choice(['cough', 'fever', 'dyspnea', 'chest pain']))}\n \n"
-            " COMPARISON:  None.\n \n FINDINGS: \n \n " + wrapped + "\n \n IMPRESSION: \n \n " + imp_text + "\n")
-    return text, uncertain
+def image_paths(args, master=True):
+    """The pretraining images (the demo's train split without --data) and, with --data and no --aug, the preset."""
+    paths = demo_images(args.demo) if args.data is None else unlabelled_images(args.data, args.image_col)
+    if args.aug is None:
+        args.aug = preset_for(paths)
+        args.channels = args.channels or (3 if args.aug.startswith("cytology") else 1)
+        if master:
+            print(f"--aug {args.aug}: chosen from the images (grayscale or DICOM: xray; colour: cytology-A)")
+    return paths
 
 
-def chexpert_row(findings, uncertain):
-    """CheXpert-style labels for a phantom: 1, 0 (explicitly negated), -1 (uncertain) or '' (not mentioned)."""
-    row = {o: "" for o in CHEXPERT_14}
-    cons = bool(findings.get("consolidation"))
-    row["Consolidation"] = "1.0" if cons else "0.0"
-    row["Lung Opacity"] = "1.0" if cons else ""
-    row["Pneumonia"] = ("-1.0" if uncertain else "1.0") if cons else ""
-    row["Pleural Effusion"] = "1.0" if findings.get("effusion") else "0.0"
-    row["Pneumothorax"] = "1.0" if findings.get("pneumothorax") else "0.0"
-    row["Cardiomegaly"] = "1.0" if findings.get("cardiomegaly") else ""
-    row["No Finding"] = "1.0" if not findings else ""
-    return row
+def image_encoder(arch, weights="none"):
+    """A torchvision model without its classifier, and its feature dimension. Keys stay torchvision's."""
+    import torchvision
 
-
-def write_dicom(path, display, rng, photometric="MONOCHROME2", bits=12, rle=False, patient_id="", study_uid=None):
-    """Write a display-space image [0, 1] as a real DICOM radiograph (CR/DX-like).
-
-    Stored values s, rescale to modality values m = slope * s + intercept, and a window
-    (center, width) chosen so that load_dicom returns `display` back to within a stored step.
-    MONOCHROME1 stores the inverted image, as many CR readers do.
-    """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
-
-    maxv = 2 ** bits - 1
-    # the window spans stored values [lo, hi] inside the full range, so windowing really matters
-    lo, hi = int(maxv * rng.uniform(0.05, 0.15)), int(maxv * rng.uniform(0.8, 0.95))
-    d = display if photometric == "MONOCHROME2" else 1.0 - display
-    stored = np.rint(lo + d * (hi - lo)).astype(np.uint16)
-    slope, intercept = float(rng.choice([1.0, 0.5, 2.0])), float(rng.choice([0.0, -1024.0, 100.0]))
-    # LINEAR window (PS3.3 C.11.2.1.2.1) mapping modality lo..hi onto 0..1: w - 1 = (hi - lo) * slope
-    width = (hi - lo) * slope + 1
-    center = lo * slope + intercept + 0.5 + (width - 1) / 2
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = study_uid or generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientID, ds.Modality, ds.ViewPosition = patient_id, "DX", "PA"
-    ds.Rows, ds.Columns = display.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
-    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = f"{slope:g}", f"{intercept:g}", "US"
-    ds.WindowCenter, ds.WindowWidth = f"{center:.2f}", f"{width:.2f}"
-    ds.PixelData = stored.tobytes()
-    if rle:
-        ds.compress(RLELossless, stored)
-    ds.save_as(path, enforce_file_format=True)
-
-
-def cell_image(rng, size, cls):
-    """A colour Pap-smear cell image (Herlev-style class) in [0, 1], H x W x 3.
-
-    Normal cells: small nuclei, large cytoplasm (superficial: pink, pyknotic nucleus;
-    intermediate: blue-green; columnar: elongated with a basal nucleus). Dysplasia to
-    carcinoma in situ: the nucleus grows, loses its round outline and gets coarser chromatin,
-    while the cytoplasm shrinks.
-    """
-    s = size
-    y, x = np.mgrid[0:s, 0:s].astype(np.float64) / (s - 1) * 2 - 1
-    k = HERLEV_CLASSES.index(cls)
-    # (cytoplasm radius, elongation, nucleus radius, nucleus irregularity, chromatin coarseness)
-    params = [(0.62, 1.0, 0.06, 0.02, 0.0), (0.6, 1.0, 0.1, 0.03, 0.05), (0.3, 2.2, 0.11, 0.05, 0.05),
-              (0.55, 1.0, 0.17, 0.08, 0.15), (0.45, 1.0, 0.22, 0.12, 0.25), (0.36, 1.0, 0.26, 0.18, 0.35),
-              (0.32, 1.0, 0.29, 0.22, 0.45)][k]
-    rc, elong, rn, irr, coarse = params
-    rc *= rng.uniform(0.85, 1.15)
-    rn *= rng.uniform(0.85, 1.15)
-    ang = rng.uniform(0, np.pi)
-    cx, cy = rng.uniform(-0.1, 0.1, 2)
-    xr = np.cos(ang) * (x - cx) + np.sin(ang) * (y - cy)
-    yr = -np.sin(ang) * (x - cx) + np.cos(ang) * (y - cy)
-    theta = np.arctan2(yr, xr)
-    # polygonal-ish outline: a few low harmonics
-    wob = sum(rng.uniform(0, 0.06) * np.cos(h * theta + rng.uniform(0, 6.28)) for h in (3, 4, 5))
-    rad = np.sqrt((xr / elong) ** 2 + yr ** 2)
-    cyto = _soft(rad - rc * (1 + wob), 0.02)
-    # nucleus, basal in columnar cells
-    nx = xr - (rc * elong * 0.55 if cls == "normal_columnar" else rng.uniform(-0.05, 0.05))
-    ntheta = np.arctan2(yr, nx)
-    nwob = sum(rng.uniform(0, irr) * np.cos(h * ntheta + rng.uniform(0, 6.28)) for h in (2, 3, 5, 7))
-    nuc = _soft(np.sqrt(nx ** 2 + yr ** 2) - rn * (1 + nwob), 0.015)
-    stain = rng.uniform(0.9, 1.1, 3)
-    bg = np.array([0.92, 0.9, 0.93]) * stain
-    cyto_col = (np.array([0.93, 0.62, 0.72]) if cls == "normal_superficiel" else np.array([0.62, 0.8, 0.86])) * stain
-    if k >= 3:
-        cyto_col = np.array([0.7, 0.75, 0.88]) * stain
-    nuc_col = np.array([0.32, 0.2, 0.45]) * rng.uniform(0.85, 1.15) * (0.7 if cls == "normal_superficiel" else 1.0)
-    img = bg[None, None] * (1 - cyto[..., None]) + cyto_col[None, None] * cyto[..., None]
-    chrom = 1 + coarse * _smooth_noise(rng, s, max(s / 60, 0.8))[..., None]
-    img = img * (1 - nuc[..., None]) + (nuc_col[None, None] * chrom) * nuc[..., None]
-    for _ in range(int(rng.integers(0, 4))):  # debris and neighbouring fragments
-        dxy = rng.uniform(-1, 1, 2)
-        blob = _soft(np.sqrt((x - dxy[0]) ** 2 + (y - dxy[1]) ** 2) - rng.uniform(0.03, 0.12), 0.02)
-        img = img * (1 - 0.4 * blob[..., None]) + 0.4 * blob[..., None] * cyto_col[None, None] * 0.9
-    img += rng.normal(0, 0.02, img.shape)
-    return np.clip(img, 0, 1).astype(np.float32)
-
-
-def make_demo(out_dir, size=128, n_xray=240, n_xray_test=80, n_rsna=600, n_cells=40, seed=0, quiet=False):
-    """Write the demo data set into out_dir and return a summary dict.
-
-    out_dir/mimic/files/pXX/pSUBJECT/sSTUDY/<id>.dcm + sSTUDY.txt   image-report pairs (MIMIC-CXR layout)
-    out_dir/mimic/mimic-cxr-2.0.0-chexpert.csv, -metadata.csv          CheXpert labels, views
-    out_dir/mimic/mimic-cxr-2.0.0-split.csv                            train / validate / test by patient
-    out_dir/rsna/stage_2_train_images/<patientId>.dcm                  pneumonia set
-    out_dir/rsna/stage_2_train_labels.csv                              one row per box
-    out_dir/cytology/<herlev class>/<n>.png                            colour cell images
-    """
-    from PIL import Image
-
-    t0 = time.time()
-    out = Path(out_dir)
-    rng = np.random.default_rng(seed)  # the RSNA and cytology parts draw their own streams: resizing one changes no other
-    mimic = out / "mimic"
-    rows = [_write_study(mimic, i, rng, size, seed) for i in range(n_xray + n_xray_test)]
-    n_m1, n_rle = _write_mimic_csvs(mimic, rows)
-    # the split, by patient (two studies each): the first n_xray studies 80 / 20 train / validate (ConVIRT's
-    # pretraining pairs and its held-out set, on which the demo defaults were chosen), the studies written
-    # after them the test split, which no choice has seen
-    subjects = [r[1]["subject_id"] for r in rows[:n_xray]]
-    _, val = patient_split(subjects, (0.8, 0.2), seed=seed)
-    val = {subjects[i] for i in val}
-    _write_csv(mimic / "mimic-cxr-2.0.0-split.csv", ["dicom_id", "study_id", "subject_id", "split"],
-               [{**{k: r[1][k] for k in ("dicom_id", "study_id", "subject_id")},
-                 "split": "test" if i >= n_xray else "validate" if r[1]["subject_id"] in val else "train"}
-                for i, r in enumerate(rows)])
-
-    rsna = out / "rsna"
-    rng = np.random.default_rng([seed, 1])
-    (rsna / "stage_2_train_images").mkdir(parents=True, exist_ok=True)
-    box_rows, n_pos = [], 0
-    for i in range(n_rsna):
-        pid = hashlib.sha1(f"rsna-{seed}-{i}".encode()).hexdigest()[:8] + f"-{i:04d}"
-        f = _random_findings(rng) if rng.random() < 0.6 else {}
-        f.pop("effusion", None) if rng.random() < 0.5 else None
-        write_dicom(rsna / "stage_2_train_images" / f"{pid}.dcm", chest_phantom(rng, size, f), rng,
-                    "MONOCHROME2" if rng.random() < 0.7 else "MONOCHROME1", bits=12, rle=bool(rng.random() < 0.2),
-                    patient_id=pid)
-        lobes = f.get("consolidation", [])
-        n_pos += bool(lobes)
-        for lobe in lobes:  # one row per box, in pixel coordinates of the image
-            cu, cv = LOBES[lobe]
-            w, h = 0.34 * size / 2, 0.3 * size / 2
-            x0, y0 = (cu + 1) / 2 * (size - 1) - w / 2, (cv + 1) / 2 * (size - 1) - h / 2
-            box_rows.append({"patientId": pid, "x": f"{x0:.1f}", "y": f"{y0:.1f}", "width": f"{w:.1f}",
-                             "height": f"{h:.1f}", "Target": 1})
-        if not lobes:
-            box_rows.append({"patientId": pid, "x": "", "y": "", "width": "", "height": "", "Target": 0})
-    _write_csv(rsna / "stage_2_train_labels.csv", ["patientId", "x", "y", "width", "height", "Target"], box_rows)
-
-    cyto = out / "cytology"
-    rng = np.random.default_rng([seed, 2])
-    for cls in HERLEV_CLASSES:
-        (cyto / cls).mkdir(parents=True, exist_ok=True)
-        for j in range(n_cells):
-            a = cell_image(rng, size, cls)
-            Image.fromarray(np.rint(a * 255).astype(np.uint8)).save(cyto / cls / f"{cls}_{j:03d}.png")
-    summary = {"version": DEMO_VERSION, "size": size, "seed": seed, "seconds": round(time.time() - t0, 1),
-               "mimic": {"studies": len(rows), "patients": (len(rows) + 1) // 2, "test_studies": n_xray_test,
-                         "monochrome1": n_m1, "rle": n_rle, "path": str(mimic)},
-               "rsna": {"images": n_rsna, "positive": n_pos, "box_rows": len(box_rows), "path": str(rsna)},
-               "cytology": {"classes": len(HERLEV_CLASSES), "images": n_cells * len(HERLEV_CLASSES), "path": str(cyto)}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    if not quiet:
-        print(f"demo data written to {out} in {summary['seconds']} s")
-        print(f"  mimic/    {len(rows)} studies of {summary['mimic']['patients']} patients, DICOM {size}x{size} "
-              f"({n_m1} MONOCHROME1, {n_rle} RLE), MIMIC-style reports, CheXpert label CSV, split CSV "
-              f"({n_xray_test} test studies)")
-        print(f"  rsna/     {n_rsna} DICOMs, {n_pos} with pneumonia, {len(box_rows)} label rows (one per box)")
-        print(f"  cytology/ {n_cells * len(HERLEV_CLASSES)} colour PNGs in {len(HERLEV_CLASSES)} Herlev class folders")
-    return summary
-
-
-def _write_study(mimic, i, rng, size, seed):
-    """Study i of the MIMIC-style part (patient i // 2): its DICOM and report; its CSV rows."""
-    from pydicom.uid import generate_uid
-
-    subject, study = 10000000 + i // 2, 50000000 + i  # two studies per patient
-    f = _random_findings(rng)
-    sdir = mimic / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}"
-    sdir.mkdir(parents=True, exist_ok=True)
-    text, unc = demo_report(rng, f)
-    (sdir.parent / f"s{study}.txt").write_text(text)
-    dicom_id = hashlib.sha1(f"{seed}-{i}".encode()).hexdigest()[:16]
-    photometric = "MONOCHROME1" if rng.random() < 0.3 else "MONOCHROME2"
-    rle = bool(rng.random() < 0.3)
-    write_dicom(sdir / f"{dicom_id}.dcm", chest_phantom(rng, size, f), rng, photometric,
-                bits=int(rng.choice([12, 14, 16])), rle=rle, patient_id=f"p{subject}", study_uid=generate_uid())
-    return ({"subject_id": subject, "study_id": study, **chexpert_row(f, unc)},
-            {"dicom_id": dicom_id, "subject_id": subject, "study_id": study, "ViewPosition": "PA"}, photometric, rle)
-
-
-def _write_mimic_csvs(mimic, rows):
-    """The CheXpert label and metadata CSVs of the studies' rows; (MONOCHROME1 count, RLE count)."""
-    _write_csv(mimic / "mimic-cxr-2.0.0-chexpert.csv", ["subject_id", "study_id"] + CHEXPERT_14, [r[0] for r in rows])
-    _write_csv(mimic / "mimic-cxr-2.0.0-metadata.csv", ["dicom_id", "subject_id", "study_id", "ViewPosition"],
-               [r[1] for r in rows])
-    return sum(r[2] == "MONOCHROME1" for r in rows), sum(r[3] for r in rows)
-
-
-def _write_study_own_stream(args):
-    mimic, i, size, seed = args
-    return _write_study(mimic, i, np.random.default_rng([seed, 3, i]), size, seed)
-
-
-def make_pairs_demo(out_dir, studies, size=256, seed=0, workers=None, val_fraction=0.2, quiet=False):
-    """A larger MIMIC-style image-report set for GPU work (the built-in demo's 240 studies are too few
-    for a ResNet-50): `studies` studies, two per patient, each on its own random stream, so any number
-    of processes writes the same files. Beside the MIMIC layout it writes mimic-cxr-2.0.0-split.csv
-    (a patient-level train / validate split) and validate-chexpert.csv (the validate studies' labels,
-    for convirt.py --eval-labels). Returns a summary dict."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    t0 = time.time()
-    mimic = Path(out_dir) / "mimic"
-    mimic.mkdir(parents=True, exist_ok=True)
-    jobs = [(mimic, i, size, seed) for i in range(studies)]
-    workers = workers or os.cpu_count() or 1
-    if workers > 1:  # spawned, not forked: a fork of a process whose torch threads are running can hang
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            rows = list(pool.map(_write_study_own_stream, jobs, chunksize=16))
+    try:
+        net = getattr(torchvision.models, arch)(weights="DEFAULT" if weights == "imagenet" else None)
+    except Exception as e:  # no network, no cached weights
+        raise SystemExit(f"could not get ImageNet weights for {arch} ({type(e).__name__}: {e}); offline? use "
+                         "--weights none (finetune.py: --init random), or copy the file into ~/.cache/torch") from None
+    if hasattr(net, "fc"):
+        dim, net.fc = net.fc.in_features, torch.nn.Identity()
+    elif hasattr(net, "heads"):  # torchvision's ViT
+        dim, net.heads = net.heads.head.in_features, torch.nn.Identity()
     else:
-        rows = [_write_study_own_stream(j) for j in jobs]
-    n_m1, n_rle = _write_mimic_csvs(mimic, rows)
-    subjects = sorted({r[0]["subject_id"] for r in rows})
-    _, val = patient_split(subjects, (1 - val_fraction, val_fraction), seed=seed)
-    val = {subjects[i] for i in val}
-    _write_csv(mimic / "mimic-cxr-2.0.0-split.csv", ["dicom_id", "study_id", "subject_id", "split"],
-               [{**{k: r[1][k] for k in ("dicom_id", "study_id", "subject_id")},
-                 "split": "validate" if r[1]["subject_id"] in val else "train"} for r in rows])
-    _write_csv(mimic / "validate-chexpert.csv", ["subject_id", "study_id"] + CHEXPERT_14,
-               [r[0] for r in rows if r[0]["subject_id"] in val])
-    summary = {"version": DEMO_VERSION, "size": size, "seed": seed, "seconds": round(time.time() - t0, 1),
-               "mimic": {"studies": studies, "patients": len(subjects), "validate_patients": len(val),
-                         "monochrome1": n_m1, "rle": n_rle, "path": str(mimic)}}
-    (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
-    if not quiet:
-        print(f"{studies} image-report studies of {len(subjects)} patients ({len(val)} in the validate split), "
-              f"DICOM {size}x{size}, written to {mimic} in {summary['seconds']} s by {workers} process(es)")
-        print(f"  pretrain: python convirt.py --data {mimic} --split-csv {mimic / 'mimic-cxr-2.0.0-split.csv'} "
-              f"--eval-labels {mimic / 'validate-chexpert.csv'} --eval-root {mimic}")
-    return summary
+        cls = net.classifier
+        dim, net.classifier = (cls[-1] if isinstance(cls, torch.nn.Sequential) else cls).in_features, torch.nn.Identity()
+    return net, dim
 
 
-def _write_csv(path, fields, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
+def load_checkpoint(path):
+    """A checkpoint's dict, read with weights_only=True: tensors and plain values only, so no code in it runs."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickled callable, a truncated or foreign file
+        raise ValueError(f"{path}: not a checkpoint these scripts can read safely ({str(e).splitlines()[0][:200]}); "
+                         "it is refused rather than run") from None
+    if not isinstance(ck, dict) or not isinstance(ck.get("method"), str):
+        raise ValueError(f"{path}: not a checkpoint of convirt.py, simclr.py, byol.py or barlow.py (no 'method' entry)")
+    return ck
+
+
+def encoder_from_checkpoint(path, arch):
+    """The image encoder of a pretraining checkpoint, with one clear line when it does not fit `arch`."""
+    ck = load_checkpoint(path)
+    net, dim = image_encoder(arch)
+    enc = ck.get("encoder")
+    if not isinstance(enc, dict) or not enc:
+        raise ValueError(f"{path}: holds no image encoder (method {ck['method']!r}, entries {sorted(ck)})")
+    try:
+        net.load_state_dict(enc)
+    except RuntimeError as e:
+        found = ck.get("arch") or "another architecture"
+        raise ValueError(f"{path}: expected a {arch} encoder (--arch), found {found} "
+                         f"({str(e).splitlines()[1].strip()[:150] if e.args else e})") from None
+    return net, dim, ck
+
+
+def embedding_spread(z):
+    """Per-dimension std across the batch of the L2-normalised embeddings, times sqrt(D): ~1 spread, 0 collapsed."""
+    return float(F.normalize(z.detach().float(), dim=1).std(0, unbiased=False).mean()) * math.sqrt(z.shape[1])
+
+
+class ResumableSampler(torch.utils.data.distributed.DistributedSampler):
+    """DistributedSampler (its order a function of seed and epoch) that can start `skip` samples in, so a run
+    resumed inside an epoch reads and decodes none of the batches already done."""
+    skip = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
+class Run:
+    """One training run: process group and device, seeds, the run folder and its JSON log, checkpoints
+    (atomic, CPU tensors, at each epoch's end, every --save-every steps, and at the next step after
+    SIGTERM or SIGINT), exact resume from any of them, and the NaN guard."""
+
+    def __init__(self, args, name):
+        self.args, self.name = args, name
+        cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if "RANK" in os.environ:  # torchrun: NCCL between GPUs, gloo between CPU processes
+            torch.distributed.init_process_group("nccl" if cuda else "gloo")
+            self.device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
+        else:
+            self.device = torch.device(("cuda" if args.device == "auto" else args.device) if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        self.cuda, self.master = cuda, self.rank == 0
+        self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+        if args.batch_size % self.world:
+            raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the number of processes ({self.world})")
+        self.local_batch = args.batch_size // self.world
+        torch.manual_seed(args.seed)
+        np.random.seed(args.seed)
+        if args.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        self.out = Path(args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.ckpt_path = self.out / "checkpoint.pt"
+        if self.ckpt_path.exists() and not args.resume:
+            raise SystemExit(f"{self.out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
+        if args.resume and not self.ckpt_path.exists():
+            raise SystemExit(f"--resume: no checkpoint at {self.ckpt_path}")
+        self.state = load_checkpoint(self.ckpt_path) if args.resume else None  # what the script rebuilds from
+        self.step = self.epoch = self.epoch_step = 0
+        self.epoch_done, self.stopped, self.signal, self.saved = True, False, None, {}
+        self.loss_sum, self.loss, self.log_file, self.warned = None, None, None, False
+
+    # -- set-up ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def rank0_first(self):
+        """Rank 0 runs the block first (it builds the decode cache), the other ranks then only read."""
+        if self.world > 1 and not self.master:
+            torch.distributed.barrier()
+        yield
+        if self.world > 1 and self.master:
+            torch.distributed.barrier()
+
+    def prepare(self, model):
+        """On the device; on CUDA channels_last, and SyncBatchNorm under torchrun (per process on the CPU)."""
+        model = model.to(self.device)
+        if self.world > 1 and self.cuda:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model.to(memory_format=torch.channels_last) if self.cuda else model
+
+    def distribute(self, model):
+        """DDP under torchrun (gradients averaged over ranks), else the model itself."""
+        if self.world == 1:
+            return model
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[self.device] if self.cuda else None)
+
+    def loader(self, dataset, collate_fn=None, what="images"):
+        """The training DataLoader: this rank's share, shuffled by (seed, epoch), whole batches only.
+        Persistent workers draw nothing random; their base seed comes from a generator of the loader's
+        own, so the global stream does not depend on the epoch they started in."""
+        if len(dataset) < self.args.batch_size:  # --skip-bad can leave fewer readable images than one batch
+            bad = len(dataset.skipped)
+            raise SystemExit(f"only {len(dataset)} " + (f"readable {what} of {len(dataset) + bad} ({bad} unreadable, "
+                             "skipped)" if bad else what) + f", fewer than --batch-size {self.args.batch_size}")
+        self.dataset = dataset
+        self.sampler = ResumableSampler(dataset, self.world, self.rank, shuffle=True, seed=self.args.seed,
+                                        drop_last=True)
+        return torch.utils.data.DataLoader(dataset, batch_size=self.local_batch, sampler=self.sampler,
+                                           num_workers=self.args.workers, collate_fn=collate_fn, pin_memory=self.cuda,
+                                           drop_last=True, persistent_workers=self.args.workers > 0,
+                                           generator=torch.Generator().manual_seed(self.args.seed))
+
+    def checkpoint(self, **entries):
+        """What every checkpoint holds beside the run's position: modules, optimiser and scheduler by
+        their state dicts (read when saving), other values as they are. With --resume they are loaded."""
+        self.entries = entries
+        if self.state is None:
+            return
+        for key, obj in entries.items():
+            if hasattr(obj, "load_state_dict") and key != "encoder" and key in self.state:
+                obj.load_state_dict(self.state[key])
+        s = self.state
+        self.step, self.epoch = s["step"], s["epoch"]
+        self.epoch_done = s.get("epoch_done", True)  # checkpoints from before mid-epoch resume: epoch ends only
+        self.epoch_step = 0 if self.epoch_done else s["epoch_step"]
+        self.epoch += 1 if self.epoch_done else 0
+
+    def start(self, summary):
+        """The run folder: args.json (or, on resume, a line in resumes.jsonl), the log, the summary line."""
+        if self.master:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if self.args.resume:  # the first args.json stays; each resume is recorded beside it
+                with open(self.out / "resumes.jsonl", "a") as f:
+                    f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "step": self.step,
+                                        "overrides": self.args.overrides}) + "\n")
+                print(f"resuming {self.out} at step {self.step} as it was started"
+                      + (f", with overrides {self.args.overrides}" if self.args.overrides else ""))
+            else:
+                (self.out / "args.json").write_text(json.dumps(vars(self.args), indent=1))
+            self.log_file = open(self.out / "log.jsonl", "a")
+            print(f"{summary}, {self.world} process(es) on {self.device}, run folder {self.out}")
+        self._handlers = {}
+        if threading.current_thread() is threading.main_thread():  # a preempted job saves and stops cleanly
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def epochs(self):
+        """Yields (epoch, the augmentation's generator) from where the run stands. Every epoch's
+        randomness is a function of (seed, epoch); inside an epoch, the checkpoint's states go on."""
+        for epoch in range(self.epoch, self.args.epochs):
+            self.epoch = epoch
+            self.views = epoch_generator(self.device, self.args.seed, epoch, self.rank)
+            s = self.state
+            if s is not None and not self.epoch_done and s["epoch"] == epoch:  # resumed inside this epoch
+                torch.set_rng_state(s["rng"]["torch"])
+                if self.cuda and "cuda" in s["rng"]:
+                    torch.cuda.set_rng_state(s["rng"]["cuda"])
+                self.views.set_state(s["rng"]["views"].to(self.views.get_state().device))
+                self.loss_sum = s["loss_sum"].to(self.device)
+            else:
+                torch.manual_seed(self.args.seed * 100003 + epoch)  # a prime stride keeps seeds and epochs apart
+                self.epoch_step, self.loss_sum = 0, torch.zeros((), device=self.device)
+            self.epoch_done = False
+            self.sampler.set_epoch(epoch)
+            self.sampler.skip = self.epoch_step * self.local_batch
+            yield epoch, self.views
+            if self.stopped:
+                return
+
+    def batches(self, loader):
+        """This epoch's batches; after each step, the checkpoint when one is due, and the stop."""
+        args = self.args
+        bar = tqdm(loader, desc=f"epoch {self.epoch}", disable=not self.master, leave=False)
+        self.bar, self.t0, self.seen = bar, time.time(), 0
+        for batch in bar:
+            self.step += 1
+            self.epoch_step += 1
+            self.seen += 1
+            yield batch
+            signal_now = self.signal is not None
+            if self.world > 1:  # every rank stops at the same step
+                flag = torch.tensor(float(signal_now), device=self.device)
+                torch.distributed.all_reduce(flag)
+                signal_now = bool(flag > 0)
+            at_max = bool(args.max_steps) and self.step >= args.max_steps
+            if signal_now or at_max or (args.save_every and self.step % args.save_every == 0):
+                self.epoch_done = self.epoch_step == len(loader) + self.sampler.skip // self.local_batch
+                self.save()
+            if signal_now or at_max:
+                self.stopped = True
+                if signal_now:
+                    self.finish()
+                    raise SystemExit(f"stopped by {self.signal or 'a signal on another rank'} at step {self.step}: "
+                                     f"checkpoint at {self.ckpt_path}; continue with --resume --out {self.out}")
+                return
+        self.epoch_done = True
+        self.save()
+
+    def track(self, loss):
+        """Adds the step's loss to the epoch's mean (on the device: no sync); True on a logging step."""
+        self.loss = loss.detach()
+        self.loss_sum = self.loss_sum + self.loss.float()
+        return self.step % self.args.log_every == 0 or self.step == 1
+
+    def mean(self, x):
+        """A float, averaged over the ranks."""
+        x = x.detach().float().clone()
+        if self.world > 1:
+            torch.distributed.all_reduce(x)
+            x /= self.world
+        return float(x)
+
+    def log(self, **metrics):
+        """One JSON line: step, epoch, the loss (mean over ranks), these metrics, images/s. Stops on a NaN."""
+        loss = self.check_finite()
+        rec = {"step": self.step, "epoch": self.epoch, "loss": loss, **metrics,
+               "img_per_s": round(self.seen * self.args.batch_size / max(time.time() - self.t0, 1e-9), 1)}
+        self.write(rec)
+        if self.master:
+            self.bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items() if k in ("loss", "spread", "t", "gap")})
+        return rec
+
+    def warn_once(self, condition, message):
+        """A warning the first time `condition` holds (on rank 0): a collapse is said once, not every step."""
+        if condition and not self.warned and self.master:
+            self.warned = True
+            warnings.warn(message)
+
+    def write(self, rec):
+        if self.master:
+            self.log_file.write(json.dumps(rec) + "\n")
+            self.log_file.flush()
+
+    def check_finite(self):
+        """The NaN guard: the last loss (mean over ranks), or a stop that leaves the last checkpoint as it is."""
+        loss = self.mean(self.loss)
+        if not math.isfinite(loss):
+            self.finish()
+            raise SystemExit(f"loss is {loss} at step {self.step} (epoch {self.epoch}): stopping; the last good "
+                             f"checkpoint, if any, is untouched at {self.ckpt_path}")
+        return loss
+
+    def epoch_loss(self):
+        """The mean loss of this epoch's steps so far, over ranks: one batch swings by several percent."""
+        return self.mean(self.loss_sum) / max(self.epoch_step, 1)
+
+    def save(self):
+        """The checkpoint, written atomically by rank 0: the entries, the position, the random states."""
+        self.check_finite()
+        if not self.master:
+            return
+        rng = {"torch": torch.get_rng_state(), "views": self.views.get_state()}
+        if self.cuda:
+            rng["cuda"] = torch.cuda.get_rng_state()
+        state = {k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in self.entries.items()}
+        state.update(epoch=self.epoch, step=self.step, epoch_step=self.epoch_step, epoch_done=self.epoch_done,
+                     loss_sum=self.loss_sum, rng=rng, args=vars(self.args))
+        tmp = f"{self.ckpt_path}.tmp"
+        torch.save(to_cpu(state), tmp)  # CPU tensors: a GPU run's checkpoint loads on any machine
+        os.replace(tmp, self.ckpt_path)  # a crash mid-write leaves the previous checkpoint intact
+        if self.dataset.skipped and self.epoch_done:
+            print(self.dataset.report_skipped(), file=sys.stderr)
+
+    def finish(self):
+        """Close the log, give the signal handlers back, leave the process group."""
+        for sig, handler in getattr(self, "_handlers", {}).items():
+            signal.signal(sig, handler)
+        self._handlers = {}
+        if self.log_file is not None:
+            self.log_file.close()
+            self.log_file = None
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def to_cpu(obj):
+    """The same nesting of dicts and lists with every tensor on the CPU."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+class KNNMonitor:
+    """The kNN monitor of the image-only scripts: frozen features of a labelled set, half of its patients
+    as the bank, the other half as queries, top-1 accuracy of a k-nearest-neighbour vote."""
+
+    def __init__(self, args, run):
+        if args.eval_data == "demo":  # the demo's labels, without finetune.py's test patients
+            paths, labels, _, ids = demo_labelled("cytology" if args.demo == "cytology" else "rsna", without_test=True)
+        else:
+            paths, labels, _ = (read_label_csv if args.eval_data.endswith(".csv") else read_class_folders)(args.eval_data)
+            ids = paths
+        ds = ImageDataset(paths, None, eval_transform(args.size), size=args.size, channels=args.channels,
+                          cache_dir=args.cache_dir or None, skip_bad=args.skip_bad)
+        self.labels = torch.as_tensor(np.asarray(labels)[ds.index])
+        self.bank, self.query = patient_split([ids[i] for i in ds.index], (0.5, 0.5), seed=0)
+        self.loader = torch.utils.data.DataLoader(ds, batch_size=128, num_workers=0)
+        self.run, self.k, self.every = run, args.knn_k, args.knn_every
+
+    def __call__(self, encoder, epoch):
+        """Evaluate at epoch -1 (random weights: the baseline), every --knn-every epochs, and at the last."""
+        run = self.run
+        if epoch >= 0 and not ((epoch + 1) % self.every == 0 or epoch + 1 == run.args.epochs):
+            return
+        encoder.eval()
+        with torch.no_grad(), run.amp:
+            feats = torch.cat([encoder(x.to(run.device)).float().cpu() for x, _ in self.loader])
+        encoder.train()
+        acc = knn_accuracy(feats[self.bank], self.labels[self.bank], feats[self.query], self.labels[self.query], self.k)
+        run.write({"epoch": epoch, "step": run.step, f"knn_top1@{self.k}": acc})
+        print(f"epoch {epoch}: kNN top-1 accuracy {acc:.3f}" + (" (random weights)" if epoch < 0 else ""))
+
+
+@torch.no_grad()
+def knn_accuracy(train_f, train_y, test_f, test_y, k=10):
+    """Top-1 accuracy of a k-nearest-neighbour majority vote (cosine similarity) on frozen features."""
+    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    idx = (test_f @ train_f.T).topk(min(k, len(train_f)), dim=1).indices
+    votes = F.one_hot(train_y[idx], int(train_y.max()) + 1).sum(1)
+    return float((votes.argmax(1) == test_y).float().mean())
+
+
+# ----------------------------------------------------------------------------------
+# The demo data set (written by demo.py on first use)
+# ----------------------------------------------------------------------------------
+
+DEMO_VERSION = 3  # 2: 600 RSNA-style images, RSNA and cytology on their own random streams; 3: a MIMIC test split
 
 
 def demo_root(size=128):
@@ -1627,12 +1663,13 @@ def demo_root(size=128):
     if (root / "summary.json").is_file():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(root) + ".lock", "w") as lock:  # several processes (torchrun ranks) may ask at once
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(str(root) + ".lock"):  # several processes (torchrun ranks) may ask at once
         if not (root / "summary.json").is_file():
+            import demo  # the generator: only needed once, so only imported here
+
             print(f"building the demo data set in {root} (once) ...", file=sys.stderr)
             tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=root.name + ".tmp"))
-            make_demo(tmp, size=size, quiet=True)
+            demo.make_demo(tmp, size=size, quiet=True)
             if root.exists():
                 import shutil
 
@@ -1686,37 +1723,6 @@ def demo_labelled(task, size=128, without_test=False):
 # Command line
 # ----------------------------------------------------------------------------------
 
-def bench_cache(n=40, size=224, source_size=2048, workers=0):
-    """Images/s: decoding full-size DICOMs (half RLE-compressed, as archives mix them) and
-    resizing them, against reading the same images back from the decode cache."""
-    tmp = Path(tempfile.mkdtemp(prefix="medssl-cache-bench-"))
-    rng = np.random.default_rng(0)
-    base = chest_phantom(rng, source_size, {"effusion": "left"})
-    paths = []
-    for i in range(n):
-        p = tmp / f"{i}.dcm"
-        write_dicom(p, base, rng, "MONOCHROME1" if i % 3 == 0 else "MONOCHROME2", bits=12, rle=i % 2 == 1)
-        paths.append(str(p))
-    t = time.perf_counter()
-    for p in paths:
-        fit_square(load_image(p, 1), size)
-    direct = len(paths) / (time.perf_counter() - t)
-    t = time.perf_counter()
-    ds = ImageDataset(paths, size=size, channels=1, cache_dir=tmp / "cache", workers=workers)
-    build = len(paths) / (time.perf_counter() - t)
-    reps = max(1, 2000 // n)
-    t = time.perf_counter()
-    for _ in range(reps):
-        for i in range(len(ds)):
-            ds.read(i)
-    cached = reps * len(ds) / (time.perf_counter() - t)
-    import shutil
-
-    shutil.rmtree(tmp)
-    return {"images": n, "source_size": source_size, "size": size, "workers": workers,
-            "direct_decode_per_s": round(direct, 1), "cache_build_per_s": round(build, 1),
-            "cached_read_per_s": round(cached, 1)}
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="medssl data tools")
@@ -1735,12 +1741,14 @@ def main(argv=None):
     b.add_argument("--source-size", type=int, default=2048, help="side of the DICOMs (MIMIC-CXR's are ~2500-3000)")
     b.add_argument("--workers", type=int, default=0, help="processes that build the cache")
     a = p.parse_args(argv)
+    import demo
+
     if a.cmd == "demo" and a.studies:
-        make_pairs_demo(a.out, a.studies, size=a.size, seed=a.seed, workers=a.workers or None)
+        demo.make_pairs_demo(a.out, a.studies, size=a.size, seed=a.seed, workers=a.workers or None)
     elif a.cmd == "demo":
-        make_demo(a.out, size=a.size, seed=a.seed)
+        demo.make_demo(a.out, size=a.size, seed=a.seed)
     else:
-        print(json.dumps(bench_cache(a.n, a.size, a.source_size, a.workers)))
+        print(json.dumps(demo.bench_cache(a.n, a.size, a.source_size, a.workers)))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import barlow  # noqa: E402
 import byol  # noqa: E402
 import convirt  # noqa: E402
 import data  # noqa: E402
+import demo  # noqa: E402
 import simclr  # noqa: E402
 
 CONFIGS = ["convirt-softmax", "convirt-sigmoid", "simclr", "byol", "barlow", "agbt"]
@@ -119,7 +120,7 @@ def build(name, args, device):
         return floor
 
     if name.startswith("convirt"):
-        reports = [data.demo_report(np.random.default_rng(i), data._random_findings(np.random.default_rng(i)))[0] for i in range(50)]
+        reports = [demo.demo_report(np.random.default_rng(i), demo._random_findings(np.random.default_rng(i)))[0] for i in range(50)]
         tok_json, text = convirt.demo_text_model(reports, 0)
         tok = convirt.wrap_tokenizer(tok_json)
         t = tok(["There is consolidation in the right lower lobe."] * b, padding="max_length", max_length=32, return_tensors="pt")
@@ -296,7 +297,7 @@ def bench_end_to_end(args, argv):
     out = []
     with tempfile.TemporaryDirectory(prefix="medssl-e2e-") as tmp:  # images, caches and checkpoints: GBs
         work = Path(tmp)
-        folder = Path(data.make_pairs_demo(work / "pairs", args.e2e_images, size=args.e2e_source_size,
+        folder = Path(demo.make_pairs_demo(work / "pairs", args.e2e_images, size=args.e2e_source_size,
                                            quiet=True)["mimic"]["path"])
         for name in args.configs:
             run = work / name

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import barlow
+import data
 from conftest import check_exact_resume, init_gloo, run_script, spawn_two
 
 # The cervical-cytology study's worked example (3 samples, 3 dimensions, lambda = 0.005).
@@ -81,8 +82,8 @@ def test_shared_attention_is_symmetric_and_gradients_reach_k():
 def test_knn_accuracy():
     f = torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1.0], [0.1, 0.9]])
     y = torch.tensor([0, 0, 1, 1])
-    assert barlow.knn_accuracy(f, y, torch.tensor([[1.0, 0.05], [0.05, 1.0]]), torch.tensor([0, 1]), k=2) == 1.0
-    assert barlow.knn_accuracy(f, y, torch.tensor([[1.0, 0.05]]), torch.tensor([1]), k=1) == 0.0
+    assert data.knn_accuracy(f, y, torch.tensor([[1.0, 0.05], [0.05, 1.0]]), torch.tensor([0, 1]), k=2) == 1.0
+    assert data.knn_accuracy(f, y, torch.tensor([[1.0, 0.05]]), torch.tensor([1]), k=1) == 0.0
 
 
 # ---------------------------------------------------------------------------------- distributed

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import convirt
+import data
 from conftest import check_exact_resume, init_gloo, run_script, spawn_two
 
 U = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
@@ -296,7 +297,7 @@ def test_imagenet_weights_offline_gives_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(api, "load_state_dict_from_url", offline)
     with pytest.raises(SystemExit, match="could not get ImageNet weights for resnet18.*use --weights none"):
-        convirt.image_encoder("resnet18", "imagenet")
+        data.image_encoder("resnet18", "imagenet")
 
 
 def test_torchrun_with_a_hub_bert_that_has_its_pooler(tmp_path, demo):

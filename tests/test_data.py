@@ -13,6 +13,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 import data
+import demo
 from conftest import ROOT, run_script
 
 
@@ -113,7 +114,7 @@ def test_demo_dicom_round_trip_through_window_and_monochrome1(tmp_path):
     for pi in ("MONOCHROME1", "MONOCHROME2"):
         for rle in (False, True):
             p = tmp_path / f"{pi}{rle}.dcm"
-            data.write_dicom(p, img, np.random.default_rng(1), pi, bits=12, rle=rle)
+            demo.write_dicom(p, img, np.random.default_rng(1), pi, bits=12, rle=rle)
             ds = pydicom.dcmread(p)
             assert ds.PhotometricInterpretation == pi
             assert ds.file_meta.TransferSyntaxUID == (pydicom.uid.RLELossless if rle else pydicom.uid.ExplicitVRLittleEndian)
@@ -492,8 +493,8 @@ def test_demo_layout_and_determinism(demo, tmp_path):
     assert rows > len(rsna) and 0 < sum(rsna.values()) < len(rsna)  # multi-box rows exist
     # same seed, same bytes of pixels; the small version is quick
     a, b = tmp_path / "a", tmp_path / "b"
-    data.make_demo(a, size=32, n_xray=4, n_xray_test=2, n_rsna=4, n_cells=1, quiet=True)
-    data.make_demo(b, size=32, n_xray=4, n_xray_test=2, n_rsna=4, n_cells=1, quiet=True)
+    demo.make_demo(a, size=32, n_xray=4, n_xray_test=2, n_rsna=4, n_cells=1, quiet=True)
+    demo.make_demo(b, size=32, n_xray=4, n_xray_test=2, n_rsna=4, n_cells=1, quiet=True)
     pa, pb = sorted(a.rglob("*.dcm")), sorted(b.rglob("*.dcm"))
     assert [p.relative_to(a) for p in pa] == [p.relative_to(b) for p in pb]
     assert all(np.array_equal(data.load_dicom(x), data.load_dicom(y)) for x, y in zip(pa, pb))
@@ -558,8 +559,8 @@ def test_csv_pairs_report_cells(tmp_path):
 def test_pairs_demo_any_number_of_processes(tmp_path):
     # each study on its own random stream: one process or two write the same images and reports
     one, two = tmp_path / "one", tmp_path / "two"
-    s = data.make_pairs_demo(one, 12, size=32, workers=1, quiet=True)
-    data.make_pairs_demo(two, 12, size=32, workers=2, quiet=True)
+    s = demo.make_pairs_demo(one, 12, size=32, workers=1, quiet=True)
+    demo.make_pairs_demo(two, 12, size=32, workers=2, quiet=True)
     pa, pb = sorted(one.rglob("*.dcm")), sorted(two.rglob("*.dcm"))
     assert len(pa) == 12 and [p.relative_to(one) for p in pa] == [p.relative_to(two) for p in pb]
     assert all(np.array_equal(data.load_dicom(x), data.load_dicom(y)) for x, y in zip(pa, pb))

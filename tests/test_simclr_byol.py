@@ -214,7 +214,7 @@ def test_clear_errors(tmp_path):
     p = run_script("simclr.py", "--temperature", "0", check=False)
     assert p.returncode == 2 and "--temperature must be > 0" in p.stderr
     p = run_script("byol.py", "--tau-base", "1.5", check=False)
-    assert p.returncode == 2 and "--tau-base must be in [0, 1]" in p.stderr
+    assert p.returncode == 2 and "--ema-base must be in [0, 1]" in p.stderr
     bad = tmp_path / "imgs"
     bad.mkdir()
     (bad / "a.png").write_bytes(b"not a png")

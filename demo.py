@@ -1,0 +1,499 @@
+"""demo.py: the offline demo data set that medssl's tests and examples run on.
+
+Chest phantoms with findings and the reports that describe them (MIMIC-CXR's layout, CheXpert labels,
+an official-style split), an RSNA-style pneumonia set and Herlev-style colour cell images, all written as
+the real data sets lay them out, so the scripts read the demo through the same adapters as real data.
+Only data.py imports this file, and only when the demo data are needed (`data.demo_root`).
+
+    python data.py demo /tmp/demo                          # write the demo data set and print a summary
+    python data.py demo /tmp/pairs --studies 4096 --size 256  # a larger image-report set for GPU work
+    python data.py bench-cache                             # images/s: decoding full-size DICOM vs the cache
+"""
+import csv
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.v2 as T
+
+from data import (CHEXPERT_14, DEMO_VERSION, HERLEV_CLASSES, ImageDataset, fit_square, load_image,
+                  patient_split)
+
+LOBES = {  # (centre u, centre v) in the phantom's [-1, 1] frame; the patient's right is the image's left
+    "right upper lobe": (-0.38, -0.32), "right middle lobe": (-0.36, 0.08), "right lower lobe": (-0.40, 0.34),
+    "left upper lobe": (0.40, -0.30), "left lower lobe": (0.42, 0.32),
+}
+FINDINGS = ["consolidation", "effusion", "cardiomegaly", "pneumothorax"]
+
+
+def _smooth_noise(rng, size, scale):
+    """Band-limited noise in [-1, 1]: white noise blurred by a Gaussian of `scale` pixels."""
+    n = torch.from_numpy(rng.standard_normal((1, 1, size, size)).astype(np.float32))
+    k = max(3, int(scale * 3) | 1)
+    blur = T.GaussianBlur(k, sigma=scale)
+    n = blur(n)[0, 0].numpy()
+    return n / (np.abs(n).max() + 1e-8)
+
+
+def _soft(d, edge):
+    """Soft inside-mask from a signed distance (negative inside)."""
+    return 1.0 / (1.0 + np.exp(np.clip(d / edge, -50, 50)))
+
+
+def chest_phantom(rng, size, findings):
+    """A frontal chest radiograph phantom in display space [0, 1] (bone bright, air dark).
+
+    findings: dict with optional 'consolidation' (list of lobes), 'effusion' ('left'|'right'|
+    'bilateral'), 'cardiomegaly' (True), 'pneumothorax' ('left'|'right'). Position, size,
+    rotation, exposure and noise vary from image to image.
+    """
+    s = size
+    y, x = np.mgrid[0:s, 0:s].astype(np.float64) / (s - 1) * 2 - 1
+    ang = rng.uniform(-0.08, 0.08)
+    sc = rng.uniform(0.9, 1.08)
+    dx, dy = rng.uniform(-0.06, 0.06, 2)
+    u = (np.cos(ang) * (x - dx) + np.sin(ang) * (y - dy)) / sc
+    v = (-np.sin(ang) * (x - dx) + np.cos(ang) * (y - dy)) / sc
+    e = 2.0 / s  # edge softness of about one pixel
+    img = np.full((s, s), 0.04)
+    torso = _soft(np.sqrt((u / 0.92) ** 2 + ((v - 0.15) / 1.05) ** 2) - 1, e * 3)
+    img += 0.42 * torso
+    lung_r = _soft(np.sqrt(((u + 0.38) / 0.27) ** 2 + ((v + 0.02) / 0.56) ** 2) - 1, e * 2)
+    lung_l = _soft(np.sqrt(((u - 0.38) / 0.26) ** 2 + ((v + 0.04) / 0.54) ** 2) - 1, e * 2)
+    # lung markings: fine vessels fading to the periphery
+    markings = 0.06 * np.clip(_smooth_noise(rng, s, s / 60), 0, 1) * (1 - 0.6 * np.abs(u))
+    lung_r_val = lung_r * (0.26 - markings)
+    lung_l_val = lung_l * (0.26 - markings)
+    if findings.get("pneumothorax"):
+        side = findings["pneumothorax"]
+        cu = -0.38 if side == "right" else 0.38
+        # collapsed lung edge: lateral/apical rim with no markings, very dark, and a thin pleural line
+        r = np.sqrt(((u - cu) / 0.27) ** 2 + ((v + 0.02) / 0.56) ** 2)
+        rim = _soft(0.72 - r, e * 3) * (lung_r if side == "right" else lung_l)
+        line = np.exp(-((r - 0.72) / 0.025) ** 2) * (lung_r if side == "right" else lung_l)
+        val = lung_r_val if side == "right" else lung_l_val
+        val = val + rim * (0.12 + markings) - 0.03 * line
+        if side == "right":
+            lung_r_val = val
+        else:
+            lung_l_val = val
+    img -= lung_r_val + lung_l_val
+    # heart: mostly on the image's right (the patient's left); larger with cardiomegaly
+    cs = rng.uniform(1.32, 1.5) if findings.get("cardiomegaly") else rng.uniform(0.9, 1.08)
+    heart = _soft(np.sqrt(((u - 0.12) / (0.25 * cs)) ** 2 + ((v - 0.3) / (0.22 * cs ** 0.6)) ** 2) - 1, e * 2)
+    img = img * (1 - heart) + heart * 0.5
+    img += 0.2 * _soft(np.abs(u) - 0.07, e) * torso  # spine
+    for k in range(9):  # ribs: curved bands across each lung
+        rv = -0.72 + 0.16 * k + 0.22 * u ** 2
+        img += 0.08 * np.exp(-((v - rv) / 0.025) ** 2) * (lung_r + lung_l) * _soft(np.abs(u) - 0.7, e)
+    for side in (-1, 1):  # clavicles
+        cv = -0.72 + 0.12 * (side * u - 0.2) ** 2
+        img += 0.12 * np.exp(-((v - cv) / 0.03) ** 2) * _soft(np.abs(u - side * 0.35) - 0.3, e)
+    for lobe in findings.get("consolidation", []):
+        cu, cv = LOBES[lobe]
+        lung = lung_r if cu < 0 else lung_l
+        blob = _soft(np.sqrt(((u - cu) / 0.17) ** 2 + ((v - cv) / 0.15) ** 2) - 1, 0.08)
+        patch = 0.5 + 0.5 * _smooth_noise(rng, s, s / 25)
+        img += 0.22 * blob * np.clip(patch, 0.2, 1) * lung
+    eff = findings.get("effusion")
+    if eff:
+        for side in (("left", "right") if eff == "bilateral" else (eff,)):
+            cu = -0.38 if side == "right" else 0.38
+            lung = lung_r if side == "right" else lung_l
+            level = rng.uniform(0.18, 0.32)
+            # meniscus: fluid climbs laterally, blunting the costophrenic angle
+            meniscus = level - 0.35 * np.clip(np.abs(u - cu) * np.sign(cu) * np.sign(u) - 0.05, 0, 1) * (np.sign(u) == np.sign(cu))
+            img += 0.24 * _soft(meniscus - v, 0.03) * lung
+    gamma = rng.uniform(0.8, 1.25)  # exposure
+    img = np.clip(img, 0, 1) ** gamma * rng.uniform(0.9, 1.1)
+    img += rng.normal(0, 0.015, (s, s))
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
+_SENTENCES = {
+    "normal_lungs": ["The lungs are clear.", "No focal consolidation is seen.", "Lungs are well expanded and clear.",
+                     "There is no focal airspace opacity."],
+    "normal_pleura": ["No pleural effusion or pneumothorax.", "There is no pleural effusion or pneumothorax.",
+                      "No effusion. No pneumothorax is seen."],
+    "normal_heart": ["Heart size is normal.", "The cardiomediastinal silhouette is within normal limits.",
+                     "Cardiac and mediastinal contours are normal."],
+    "consolidation": ["There is consolidation in the {lobe}.", "Focal airspace opacity is present in the {lobe}.",
+                      "Patchy consolidation is seen within the {lobe}."],
+    "effusion": ["There is a {side} pleural effusion.", "A {side} pleural effusion blunts the costophrenic angle.",
+                 "Small {side} pleural effusion is present."],
+    "cardiomegaly": ["The heart is enlarged.", "Cardiomegaly is present.", "Moderate enlargement of the cardiac silhouette."],
+    "pneumothorax": ["There is a {side} pneumothorax.", "A {side} apical pneumothorax is seen.",
+                     "{Side} pneumothorax with visible pleural line."],
+    "imp_normal": ["No acute cardiopulmonary process.", "Normal chest radiograph.", "No acute intrathoracic abnormality."],
+    "imp_consolidation": ["{Lobe} consolidation, concerning for pneumonia.", "{Lobe} pneumonia.",
+                          "Opacity in the {lobe} may represent pneumonia."],
+    "imp_effusion": ["{Side} pleural effusion.", "{Side} effusion."],
+    "imp_cardiomegaly": ["Cardiomegaly.", "Enlarged heart."],
+    "imp_pneumothorax": ["{Side} pneumothorax.", "{Side} pneumothorax, findings discussed with Dr. Smith at 3.5 p.m."],
+}
+
+
+def _random_findings(rng):
+    f = {}
+    r = rng.random()
+    if r < 0.3:
+        return f  # normal
+    if rng.random() < 0.45:
+        f["consolidation"] = list(rng.choice(list(LOBES), size=1 if rng.random() < 0.8 else 2, replace=False))
+    if rng.random() < 0.3:
+        f["effusion"] = str(rng.choice(["left", "right", "bilateral"]))
+    if rng.random() < 0.3:
+        f["cardiomegaly"] = True
+    if rng.random() < 0.2:
+        f["pneumothorax"] = str(rng.choice(["left", "right"]))
+    if not f:
+        f["consolidation"] = [str(rng.choice(list(LOBES)))]
+    return f
+
+
+def _matches(sentence, templates):
+    """Whether a sentence was made from one of the templates (their {placeholders} as wildcards)."""
+    return any(re.fullmatch(re.sub(r"\\\{\w+\\\}", ".+", re.escape(t)), sentence) for t in templates)
+
+
+def demo_report(rng, findings):
+    """A MIMIC-CXR-style report (FINAL REPORT banner, FINDINGS, IMPRESSION) describing `findings`."""
+    pick = lambda k, **kw: str(rng.choice(_SENTENCES[k])).format(**kw)  # noqa: E731
+    fnd, imp = [], []
+    uncertain = False
+    for lobe in findings.get("consolidation", []):
+        fnd.append(pick("consolidation", lobe=lobe))
+        s = pick("imp_consolidation", lobe=lobe, Lobe=lobe.capitalize())
+        uncertain |= "may represent" in s
+        imp.append(s)
+    if not findings.get("consolidation"):
+        fnd.append(pick("normal_lungs"))
+    if findings.get("effusion"):
+        side = "bilateral" if findings["effusion"] == "bilateral" else findings["effusion"]
+        fnd.append(pick("effusion", side=side))
+        imp.append(pick("imp_effusion", Side=side.capitalize()))
+    if findings.get("pneumothorax"):
+        side = findings["pneumothorax"]
+        fnd.append(pick("pneumothorax", side=side, Side=side.capitalize()))
+        imp.append(pick("imp_pneumothorax", Side=side.capitalize()))
+    if not findings.get("effusion") and not findings.get("pneumothorax"):
+        fnd.append(pick("normal_pleura"))
+    fnd.append(pick("cardiomegaly") if findings.get("cardiomegaly") else pick("normal_heart"))
+    if findings.get("cardiomegaly"):
+        imp.append(pick("imp_cardiomegaly"))
+    if not imp:
+        imp.append(pick("imp_normal"))
+    if findings:  # abnormal studies keep one normal statement at most, so most sentences carry a finding
+        abnormal_keys = ("consolidation", "effusion", "cardiomegaly", "pneumothorax")
+        is_abn = [any(_matches(s, _SENTENCES[k]) for k in abnormal_keys) for s in fnd]
+        normals = [i for i, a in enumerate(is_abn) if not a]
+        drop = set(normals[1:]) if normals else set()
+        fnd = [s for i, s in enumerate(fnd) if i not in drop]
+    order = rng.permutation(len(fnd))
+    fnd = [fnd[i] for i in order]
+    # wrap lines at ~70 characters as the archive's reports are
+    body = " ".join(fnd)
+    wrapped = re.sub(r"(.{1,68})(\s+|$)", r"\1\n ", body).rstrip()
+    imp_text = " ".join(f"{i + 1}. {s}" for i, s in enumerate(imp)) if len(imp) > 1 else imp[0]
+    text = ("                                 FINAL REPORT\n EXAMINATION:  CHEST (PA AND LAT)\n \n"
+            f" INDICATION:  ___ with {str(rng.choice(['cough', 'fever', 'dyspnea', 'chest pain']))}\n \n"
+            " COMPARISON:  None.\n \n FINDINGS: \n \n " + wrapped + "\n \n IMPRESSION: \n \n " + imp_text + "\n")
+    return text, uncertain
+
+
+def chexpert_row(findings, uncertain):
+    """CheXpert-style labels for a phantom: 1, 0 (explicitly negated), -1 (uncertain) or '' (not mentioned)."""
+    row = {o: "" for o in CHEXPERT_14}
+    cons = bool(findings.get("consolidation"))
+    row["Consolidation"] = "1.0" if cons else "0.0"
+    row["Lung Opacity"] = "1.0" if cons else ""
+    row["Pneumonia"] = ("-1.0" if uncertain else "1.0") if cons else ""
+    row["Pleural Effusion"] = "1.0" if findings.get("effusion") else "0.0"
+    row["Pneumothorax"] = "1.0" if findings.get("pneumothorax") else "0.0"
+    row["Cardiomegaly"] = "1.0" if findings.get("cardiomegaly") else ""
+    row["No Finding"] = "1.0" if not findings else ""
+    return row
+
+
+def write_dicom(path, display, rng, photometric="MONOCHROME2", bits=12, rle=False, patient_id="", study_uid=None):
+    """Write a display-space image [0, 1] as a real DICOM radiograph (CR/DX-like).
+
+    Stored values s, rescale to modality values m = slope * s + intercept, and a window
+    (center, width) chosen so that load_dicom returns `display` back to within a stored step.
+    MONOCHROME1 stores the inverted image, as many CR readers do.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+
+    maxv = 2 ** bits - 1
+    # the window spans stored values [lo, hi] inside the full range, so windowing really matters
+    lo, hi = int(maxv * rng.uniform(0.05, 0.15)), int(maxv * rng.uniform(0.8, 0.95))
+    d = display if photometric == "MONOCHROME2" else 1.0 - display
+    stored = np.rint(lo + d * (hi - lo)).astype(np.uint16)
+    slope, intercept = float(rng.choice([1.0, 0.5, 2.0])), float(rng.choice([0.0, -1024.0, 100.0]))
+    # LINEAR window (PS3.3 C.11.2.1.2.1) mapping modality lo..hi onto 0..1: w - 1 = (hi - lo) * slope
+    width = (hi - lo) * slope + 1
+    center = lo * slope + intercept + 0.5 + (width - 1) / 2
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID, ds.Modality, ds.ViewPosition = patient_id, "DX", "PA"
+    ds.Rows, ds.Columns = display.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
+    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = f"{slope:g}", f"{intercept:g}", "US"
+    ds.WindowCenter, ds.WindowWidth = f"{center:.2f}", f"{width:.2f}"
+    ds.PixelData = stored.tobytes()
+    if rle:
+        ds.compress(RLELossless, stored)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def cell_image(rng, size, cls):
+    """A colour Pap-smear cell image (Herlev-style class) in [0, 1], H x W x 3.
+
+    Normal cells: small nuclei, large cytoplasm (superficial: pink, pyknotic nucleus;
+    intermediate: blue-green; columnar: elongated with a basal nucleus). Dysplasia to
+    carcinoma in situ: the nucleus grows, loses its round outline and gets coarser chromatin,
+    while the cytoplasm shrinks.
+    """
+    s = size
+    y, x = np.mgrid[0:s, 0:s].astype(np.float64) / (s - 1) * 2 - 1
+    k = HERLEV_CLASSES.index(cls)
+    # (cytoplasm radius, elongation, nucleus radius, nucleus irregularity, chromatin coarseness)
+    params = [(0.62, 1.0, 0.06, 0.02, 0.0), (0.6, 1.0, 0.1, 0.03, 0.05), (0.3, 2.2, 0.11, 0.05, 0.05),
+              (0.55, 1.0, 0.17, 0.08, 0.15), (0.45, 1.0, 0.22, 0.12, 0.25), (0.36, 1.0, 0.26, 0.18, 0.35),
+              (0.32, 1.0, 0.29, 0.22, 0.45)][k]
+    rc, elong, rn, irr, coarse = params
+    rc *= rng.uniform(0.85, 1.15)
+    rn *= rng.uniform(0.85, 1.15)
+    ang = rng.uniform(0, np.pi)
+    cx, cy = rng.uniform(-0.1, 0.1, 2)
+    xr = np.cos(ang) * (x - cx) + np.sin(ang) * (y - cy)
+    yr = -np.sin(ang) * (x - cx) + np.cos(ang) * (y - cy)
+    theta = np.arctan2(yr, xr)
+    # polygonal-ish outline: a few low harmonics
+    wob = sum(rng.uniform(0, 0.06) * np.cos(h * theta + rng.uniform(0, 6.28)) for h in (3, 4, 5))
+    rad = np.sqrt((xr / elong) ** 2 + yr ** 2)
+    cyto = _soft(rad - rc * (1 + wob), 0.02)
+    # nucleus, basal in columnar cells
+    nx = xr - (rc * elong * 0.55 if cls == "normal_columnar" else rng.uniform(-0.05, 0.05))
+    ntheta = np.arctan2(yr, nx)
+    nwob = sum(rng.uniform(0, irr) * np.cos(h * ntheta + rng.uniform(0, 6.28)) for h in (2, 3, 5, 7))
+    nuc = _soft(np.sqrt(nx ** 2 + yr ** 2) - rn * (1 + nwob), 0.015)
+    stain = rng.uniform(0.9, 1.1, 3)
+    bg = np.array([0.92, 0.9, 0.93]) * stain
+    cyto_col = (np.array([0.93, 0.62, 0.72]) if cls == "normal_superficiel" else np.array([0.62, 0.8, 0.86])) * stain
+    if k >= 3:
+        cyto_col = np.array([0.7, 0.75, 0.88]) * stain
+    nuc_col = np.array([0.32, 0.2, 0.45]) * rng.uniform(0.85, 1.15) * (0.7 if cls == "normal_superficiel" else 1.0)
+    img = bg[None, None] * (1 - cyto[..., None]) + cyto_col[None, None] * cyto[..., None]
+    chrom = 1 + coarse * _smooth_noise(rng, s, max(s / 60, 0.8))[..., None]
+    img = img * (1 - nuc[..., None]) + (nuc_col[None, None] * chrom) * nuc[..., None]
+    for _ in range(int(rng.integers(0, 4))):  # debris and neighbouring fragments
+        dxy = rng.uniform(-1, 1, 2)
+        blob = _soft(np.sqrt((x - dxy[0]) ** 2 + (y - dxy[1]) ** 2) - rng.uniform(0.03, 0.12), 0.02)
+        img = img * (1 - 0.4 * blob[..., None]) + 0.4 * blob[..., None] * cyto_col[None, None] * 0.9
+    img += rng.normal(0, 0.02, img.shape)
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
+def make_demo(out_dir, size=128, n_xray=240, n_xray_test=80, n_rsna=600, n_cells=40, seed=0, quiet=False):
+    """Write the demo data set into out_dir and return a summary dict.
+
+    out_dir/mimic/files/pXX/pSUBJECT/sSTUDY/<id>.dcm + sSTUDY.txt   image-report pairs (MIMIC-CXR layout)
+    out_dir/mimic/mimic-cxr-2.0.0-chexpert.csv, -metadata.csv          CheXpert labels, views
+    out_dir/mimic/mimic-cxr-2.0.0-split.csv                            train / validate / test by patient
+    out_dir/rsna/stage_2_train_images/<patientId>.dcm                  pneumonia set
+    out_dir/rsna/stage_2_train_labels.csv                              one row per box
+    out_dir/cytology/<herlev class>/<n>.png                            colour cell images
+    """
+    from PIL import Image
+
+    t0 = time.time()
+    out = Path(out_dir)
+    rng = np.random.default_rng(seed)  # the RSNA and cytology parts draw their own streams: resizing one changes no other
+    mimic = out / "mimic"
+    rows = [_write_study(mimic, i, rng, size, seed) for i in range(n_xray + n_xray_test)]
+    n_m1, n_rle = _write_mimic_csvs(mimic, rows)
+    # the split, by patient (two studies each): the first n_xray studies 80 / 20 train / validate (ConVIRT's
+    # pretraining pairs and its held-out set, on which the demo defaults were chosen), the studies written
+    # after them the test split, which no choice has seen
+    subjects = [r[1]["subject_id"] for r in rows[:n_xray]]
+    _, val = patient_split(subjects, (0.8, 0.2), seed=seed)
+    val = {subjects[i] for i in val}
+    _write_csv(mimic / "mimic-cxr-2.0.0-split.csv", ["dicom_id", "study_id", "subject_id", "split"],
+               [{**{k: r[1][k] for k in ("dicom_id", "study_id", "subject_id")},
+                 "split": "test" if i >= n_xray else "validate" if r[1]["subject_id"] in val else "train"}
+                for i, r in enumerate(rows)])
+
+    rsna = out / "rsna"
+    rng = np.random.default_rng([seed, 1])
+    (rsna / "stage_2_train_images").mkdir(parents=True, exist_ok=True)
+    box_rows, n_pos = [], 0
+    for i in range(n_rsna):
+        pid = hashlib.sha1(f"rsna-{seed}-{i}".encode()).hexdigest()[:8] + f"-{i:04d}"
+        f = _random_findings(rng) if rng.random() < 0.6 else {}
+        f.pop("effusion", None) if rng.random() < 0.5 else None
+        write_dicom(rsna / "stage_2_train_images" / f"{pid}.dcm", chest_phantom(rng, size, f), rng,
+                    "MONOCHROME2" if rng.random() < 0.7 else "MONOCHROME1", bits=12, rle=bool(rng.random() < 0.2),
+                    patient_id=pid)
+        lobes = f.get("consolidation", [])
+        n_pos += bool(lobes)
+        for lobe in lobes:  # one row per box, in pixel coordinates of the image
+            cu, cv = LOBES[lobe]
+            w, h = 0.34 * size / 2, 0.3 * size / 2
+            x0, y0 = (cu + 1) / 2 * (size - 1) - w / 2, (cv + 1) / 2 * (size - 1) - h / 2
+            box_rows.append({"patientId": pid, "x": f"{x0:.1f}", "y": f"{y0:.1f}", "width": f"{w:.1f}",
+                             "height": f"{h:.1f}", "Target": 1})
+        if not lobes:
+            box_rows.append({"patientId": pid, "x": "", "y": "", "width": "", "height": "", "Target": 0})
+    _write_csv(rsna / "stage_2_train_labels.csv", ["patientId", "x", "y", "width", "height", "Target"], box_rows)
+
+    cyto = out / "cytology"
+    rng = np.random.default_rng([seed, 2])
+    for cls in HERLEV_CLASSES:
+        (cyto / cls).mkdir(parents=True, exist_ok=True)
+        for j in range(n_cells):
+            a = cell_image(rng, size, cls)
+            Image.fromarray(np.rint(a * 255).astype(np.uint8)).save(cyto / cls / f"{cls}_{j:03d}.png")
+    summary = {"version": DEMO_VERSION, "size": size, "seed": seed, "seconds": round(time.time() - t0, 1),
+               "mimic": {"studies": len(rows), "patients": (len(rows) + 1) // 2, "test_studies": n_xray_test,
+                         "monochrome1": n_m1, "rle": n_rle, "path": str(mimic)},
+               "rsna": {"images": n_rsna, "positive": n_pos, "box_rows": len(box_rows), "path": str(rsna)},
+               "cytology": {"classes": len(HERLEV_CLASSES), "images": n_cells * len(HERLEV_CLASSES), "path": str(cyto)}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if not quiet:
+        print(f"demo data written to {out} in {summary['seconds']} s")
+        print(f"  mimic/    {len(rows)} studies of {summary['mimic']['patients']} patients, DICOM {size}x{size} "
+              f"({n_m1} MONOCHROME1, {n_rle} RLE), MIMIC-style reports, CheXpert label CSV, split CSV "
+              f"({n_xray_test} test studies)")
+        print(f"  rsna/     {n_rsna} DICOMs, {n_pos} with pneumonia, {len(box_rows)} label rows (one per box)")
+        print(f"  cytology/ {n_cells * len(HERLEV_CLASSES)} colour PNGs in {len(HERLEV_CLASSES)} Herlev class folders")
+    return summary
+
+
+def _write_study(mimic, i, rng, size, seed):
+    """Study i of the MIMIC-style part (patient i // 2): its DICOM and report; its CSV rows."""
+    from pydicom.uid import generate_uid
+
+    subject, study = 10000000 + i // 2, 50000000 + i  # two studies per patient
+    f = _random_findings(rng)
+    sdir = mimic / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}"
+    sdir.mkdir(parents=True, exist_ok=True)
+    text, unc = demo_report(rng, f)
+    (sdir.parent / f"s{study}.txt").write_text(text)
+    dicom_id = hashlib.sha1(f"{seed}-{i}".encode()).hexdigest()[:16]
+    photometric = "MONOCHROME1" if rng.random() < 0.3 else "MONOCHROME2"
+    rle = bool(rng.random() < 0.3)
+    write_dicom(sdir / f"{dicom_id}.dcm", chest_phantom(rng, size, f), rng, photometric,
+                bits=int(rng.choice([12, 14, 16])), rle=rle, patient_id=f"p{subject}", study_uid=generate_uid())
+    return ({"subject_id": subject, "study_id": study, **chexpert_row(f, unc)},
+            {"dicom_id": dicom_id, "subject_id": subject, "study_id": study, "ViewPosition": "PA"}, photometric, rle)
+
+
+def _write_mimic_csvs(mimic, rows):
+    """The CheXpert label and metadata CSVs of the studies' rows; (MONOCHROME1 count, RLE count)."""
+    _write_csv(mimic / "mimic-cxr-2.0.0-chexpert.csv", ["subject_id", "study_id"] + CHEXPERT_14, [r[0] for r in rows])
+    _write_csv(mimic / "mimic-cxr-2.0.0-metadata.csv", ["dicom_id", "subject_id", "study_id", "ViewPosition"],
+               [r[1] for r in rows])
+    return sum(r[2] == "MONOCHROME1" for r in rows), sum(r[3] for r in rows)
+
+
+def _write_study_own_stream(args):
+    mimic, i, size, seed = args
+    return _write_study(mimic, i, np.random.default_rng([seed, 3, i]), size, seed)
+
+
+def make_pairs_demo(out_dir, studies, size=256, seed=0, workers=None, val_fraction=0.2, quiet=False):
+    """A larger MIMIC-style image-report set for GPU work (the built-in demo's 240 studies are too few
+    for a ResNet-50): `studies` studies, two per patient, each on its own random stream, so any number
+    of processes writes the same files. Beside the MIMIC layout it writes mimic-cxr-2.0.0-split.csv
+    (a patient-level train / validate split) and validate-chexpert.csv (the validate studies' labels,
+    for convirt.py --eval-labels). Returns a summary dict."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    t0 = time.time()
+    mimic = Path(out_dir) / "mimic"
+    mimic.mkdir(parents=True, exist_ok=True)
+    jobs = [(mimic, i, size, seed) for i in range(studies)]
+    workers = workers or os.cpu_count() or 1
+    if workers > 1:  # spawned, not forked: a fork of a process whose torch threads are running can hang
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows = list(pool.map(_write_study_own_stream, jobs, chunksize=16))
+    else:
+        rows = [_write_study_own_stream(j) for j in jobs]
+    n_m1, n_rle = _write_mimic_csvs(mimic, rows)
+    subjects = sorted({r[0]["subject_id"] for r in rows})
+    _, val = patient_split(subjects, (1 - val_fraction, val_fraction), seed=seed)
+    val = {subjects[i] for i in val}
+    _write_csv(mimic / "mimic-cxr-2.0.0-split.csv", ["dicom_id", "study_id", "subject_id", "split"],
+               [{**{k: r[1][k] for k in ("dicom_id", "study_id", "subject_id")},
+                 "split": "validate" if r[1]["subject_id"] in val else "train"} for r in rows])
+    _write_csv(mimic / "validate-chexpert.csv", ["subject_id", "study_id"] + CHEXPERT_14,
+               [r[0] for r in rows if r[0]["subject_id"] in val])
+    summary = {"version": DEMO_VERSION, "size": size, "seed": seed, "seconds": round(time.time() - t0, 1),
+               "mimic": {"studies": studies, "patients": len(subjects), "validate_patients": len(val),
+                         "monochrome1": n_m1, "rle": n_rle, "path": str(mimic)}}
+    (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+    if not quiet:
+        print(f"{studies} image-report studies of {len(subjects)} patients ({len(val)} in the validate split), "
+              f"DICOM {size}x{size}, written to {mimic} in {summary['seconds']} s by {workers} process(es)")
+        print(f"  pretrain: python convirt.py --data {mimic} --split-csv {mimic / 'mimic-cxr-2.0.0-split.csv'} "
+              f"--eval-labels {mimic / 'validate-chexpert.csv'} --eval-root {mimic}")
+    return summary
+
+
+def _write_csv(path, fields, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+
+
+
+def bench_cache(n=40, size=224, source_size=2048, workers=0):
+    """Images/s: decoding full-size DICOMs (half RLE-compressed, as archives mix them) and
+    resizing them, against reading the same images back from the decode cache."""
+    tmp = Path(tempfile.mkdtemp(prefix="medssl-cache-bench-"))
+    rng = np.random.default_rng(0)
+    base = chest_phantom(rng, source_size, {"effusion": "left"})
+    paths = []
+    for i in range(n):
+        p = tmp / f"{i}.dcm"
+        write_dicom(p, base, rng, "MONOCHROME1" if i % 3 == 0 else "MONOCHROME2", bits=12, rle=i % 2 == 1)
+        paths.append(str(p))
+    t = time.perf_counter()
+    for p in paths:
+        fit_square(load_image(p, 1), size)
+    direct = len(paths) / (time.perf_counter() - t)
+    t = time.perf_counter()
+    ds = ImageDataset(paths, size=size, channels=1, cache_dir=tmp / "cache", workers=workers)
+    build = len(paths) / (time.perf_counter() - t)
+    reps = max(1, 2000 // n)
+    t = time.perf_counter()
+    for _ in range(reps):
+        for i in range(len(ds)):
+            ds.read(i)
+    cached = reps * len(ds) / (time.perf_counter() - t)
+    import shutil
+
+    shutil.rmtree(tmp)
+    return {"images": n, "source_size": source_size, "size": size, "workers": workers,
+            "direct_decode_per_s": round(direct, 1), "cache_build_per_s": round(build, 1),
+            "cached_read_per_s": round(cached, 1)}
+
