@@ -77,7 +77,19 @@ def get_args(argv=None):
                    "split's studies)")
     p.add_argument("--eval-root", default=None, help="image root for --eval-labels")
     p.add_argument("--eval-k", type=int, default=10, help="k of Precision@k")
-    data.add_run_args(p, "convirt-LOSS")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels (default 224; 64 on the demo data)")
+    p.add_argument("--cache-dir", default=data.default_cache_dir(), help="decode cache folder; '' decodes on the fly")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed) instead of stopping")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--compile", action="store_true", help="torch.compile the image encoder")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
+    p.add_argument("--out", default=None, help="run folder (default runs/convirt-LOSS-TIME)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: at epoch ends only)")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
+    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     args = data.parse_args(p, argv)
     # demo: 192 pairs make 6 steps an epoch; the loss sits on its collapse value for ~250 steps (RESULTS.md)
     data.set_defaults(args, arch=("resnet18", "resnet50"), size=(64, 224), epochs=(150, 50), batch_size=(32, 64))
@@ -521,8 +533,8 @@ def main(argv=None):
                 last_rec = run.log(collapse_loss=collapse_value, lr=scheduler.get_last_lr()[0], gap=gap, spread=spread,
                                    **scalars, collapsed=spread < 0.1)
                 run.warn_once(spread < 0.1, f"step {run.step}: the embeddings are collapsing (spread {spread:.3f}, "
-                              f"gap {gap:.3f}, loss {last_rec['loss']:.3f}, collapse value {collapse_value:.3f}). A dip "
-                              f"can recover (the line at the end says); if it stays: {collapse_advice(args)}")
+                              f"loss {last_rec['loss']:.3f}, collapse value {collapse_value:.3f}). A dip can recover "
+                              f"(the line at the end says); if it stays: {collapse_advice(args)}")
         epoch_loss = run.epoch_loss()  # one batch swings by several percent: the epoch's mean is what the verdict reads
         run.write({"epoch": epoch, "step": run.step, "epoch_loss": epoch_loss, "collapse_loss": collapse_value})
         if eval_loader is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):

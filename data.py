@@ -1198,55 +1198,19 @@ class BatchAugment:
 # ----------------------------------------------------------------------------------
 # Run mechanics: the same in every script, nothing of any method
 # ----------------------------------------------------------------------------------
-# The scripts keep what teaches their method (model, loss, the all-gather that gives the loss its global
-# batch, optimiser, schedule, the training step); what follows is what every one of them does alike.
-
-def add_run_args(p, name):
-    """The flags every pretraining script has: data loading, running, the run folder and its checkpoints."""
-    p.add_argument("--size", type=int, default=None, help="image side in pixels (default 224; 64 on the demo data)")
-    p.add_argument("--cache-dir", default=default_cache_dir(), help="decode cache folder; '' decodes on the fly")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed each epoch) instead of stopping")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit; for smoke tests)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--compile", action="store_true", help="torch.compile the image encoder")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower); with --resume, the same curve")
-    p.add_argument("--out", default=None, help=f"run folder (default runs/{name}-TIME)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, inside an epoch too")
-    p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: at each epoch's end only)")
-    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
-
-
-def add_image_args(p, demo="xray"):
-    """The data, encoder and kNN-monitor flags of the image-only scripts (simclr, byol, barlow)."""
-    p.add_argument("--data", default=None, help="folder of images/DICOMs or a CSV of paths; none: the demo data")
-    p.add_argument("--image-col", default="path", help="CSV column with the image path")
-    p.add_argument("--demo", default=demo, choices=["xray", "cytology"], help="which demo images, without --data")
-    p.add_argument("--aug", default=None, choices=PRESETS, help="augmentation preset (default: xray for grayscale or "
-                   "DICOM images, cytology-A for colour ones)")
-    p.add_argument("--clahe", action="store_true", help="CLAHE on each image before the augmentation (needs scikit-image)")
-    p.add_argument("--channels", type=int, default=None, choices=[1, 3],
-                   help="image channels read (default 3 for cytology presets, else 1)")
-    p.add_argument("--arch", default=None, choices=["resnet18", "resnet50"], help="encoder (default resnet50; "
-                   "resnet18 on the demo)")
-    p.add_argument("--weights", default="none", choices=["imagenet", "none"], help="encoder initialisation")
-    p.add_argument("--knn-every", type=int, default=5, help="epochs between kNN evaluations (0: never)")
-    p.add_argument("--eval-data", default=None,
-                   help="labelled set for the kNN monitor: class folders or a CSV (path,label); 'demo' on the demo data")
-    p.add_argument("--knn-k", type=int, default=10, help="neighbours in the kNN monitor")
-
+# The scripts keep what teaches their method (model, loss, the all-gather that gives the loss its global batch,
+# optimiser, schedule, the training step); what follows they all do alike.
 
 def parse_args(p, argv=None):
-    """Parse; with --resume, the run's own args.json under the flags given again (listed in args.overrides)."""
+    """Parse; with --resume, the run's own args.json under the flags given again (kept in args.overrides)."""
     args = p.parse_args(argv)
     if not args.resume:
         return args
     saved = Path(args.out or "") / "args.json"
     if not args.out or not saved.is_file():
         p.error(f"--resume needs --out, a run folder with its args.json ({saved} not found)")
-    unset = object()  # argparse fills only the attributes a namespace lacks: what stays `unset` was not given
-    given = {k: v for k, v in vars(p.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)}))).items()
+    unset = object()  # argparse fills only what a namespace lacks: what stays `unset` was not given
+    given = {k: v for k, v in vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))).items()
              if v is not unset}
     first = {k: v for k, v in json.loads(saved.read_text()).items() if k not in ("max_steps", "overrides")}
     args = argparse.Namespace(**{**vars(args), **first, **given})
@@ -1255,38 +1219,10 @@ def parse_args(p, argv=None):
 
 
 def set_defaults(args, **pairs):
-    """Each flag left at None gets its (demo value, value with --data)."""
+    """Each flag left at None gets its (value on the demo data, value with --data)."""
     for name, (on_demo, on_data) in pairs.items():
         if getattr(args, name) is None:
             setattr(args, name, on_demo if args.data is None else on_data)
-
-
-def image_defaults(p, args):
-    """The image-only scripts' defaults that depend on the data, and the checks they share."""
-    set_defaults(args, arch=("resnet18", "resnet50"), size=(64, 224))
-    if args.data is None:  # with --data and no --aug, the preset is chosen from the images (image_paths)
-        args.aug = args.aug or ("xray" if args.demo == "xray" else "cytology-A")
-        args.eval_data = args.eval_data or "demo"
-    if args.aug:
-        args.channels = args.channels or (3 if args.aug.startswith("cytology") else 1)
-    if args.batch_size < 2:
-        p.error("--batch-size must be at least 2: a batch statistic (BatchNorm, negatives, correlation) needs two")
-    if args.lr <= 0:
-        p.error("--lr must be > 0")
-    if args.epochs < 1 or args.size < 16:
-        p.error("--epochs must be >= 1 and --size >= 16")
-    return args
-
-
-def image_paths(args, master=True):
-    """The pretraining images (the demo's train split without --data) and, with --data and no --aug, the preset."""
-    paths = demo_images(args.demo) if args.data is None else unlabelled_images(args.data, args.image_col)
-    if args.aug is None:
-        args.aug = preset_for(paths)
-        args.channels = args.channels or (3 if args.aug.startswith("cytology") else 1)
-        if master:
-            print(f"--aug {args.aug}: chosen from the images (grayscale or DICOM: xray; colour: cytology-A)")
-    return paths
 
 
 def image_encoder(arch, weights="none"):
@@ -1298,43 +1234,39 @@ def image_encoder(arch, weights="none"):
     except Exception as e:  # no network, no cached weights
         raise SystemExit(f"could not get ImageNet weights for {arch} ({type(e).__name__}: {e}); offline? use "
                          "--weights none (finetune.py: --init random), or copy the file into ~/.cache/torch") from None
-    if hasattr(net, "fc"):
-        dim, net.fc = net.fc.in_features, torch.nn.Identity()
-    elif hasattr(net, "heads"):  # torchvision's ViT
-        dim, net.heads = net.heads.head.in_features, torch.nn.Identity()
-    else:
-        cls = net.classifier
-        dim, net.classifier = (cls[-1] if isinstance(cls, torch.nn.Sequential) else cls).in_features, torch.nn.Identity()
-    return net, dim
+    head = "fc" if hasattr(net, "fc") else "heads" if hasattr(net, "heads") else "classifier"  # ResNet, ViT, others
+    last = [m for m in getattr(net, head).modules() if isinstance(m, torch.nn.Linear)][-1]
+    setattr(net, head, torch.nn.Identity())
+    return net, last.in_features
 
 
 def load_checkpoint(path):
-    """A checkpoint's dict, read with weights_only=True: tensors and plain values only, so no code in it runs."""
+    """A checkpoint's dict, read with weights_only=True: tensors and plain values, so no code in it runs."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a pickled callable, a truncated or foreign file
-        raise ValueError(f"{path}: not a checkpoint these scripts can read safely ({str(e).splitlines()[0][:200]}); "
-                         "it is refused rather than run") from None
+    except Exception as e:  # a pickled callable, a truncated or a foreign file
+        raise ValueError(f"{path}: refused, not a checkpoint of these scripts that loads as weights only "
+                         f"({str(e).strip().splitlines()[0][:160]})") from None
     if not isinstance(ck, dict) or not isinstance(ck.get("method"), str):
         raise ValueError(f"{path}: not a checkpoint of convirt.py, simclr.py, byol.py or barlow.py (no 'method' entry)")
     return ck
 
 
 def encoder_from_checkpoint(path, arch):
-    """The image encoder of a pretraining checkpoint, with one clear line when it does not fit `arch`."""
+    """(encoder, feature dimension, checkpoint): one clear line when it holds none or not an `arch`."""
     ck = load_checkpoint(path)
-    net, dim = image_encoder(arch)
-    enc = ck.get("encoder")
-    if not isinstance(enc, dict) or not enc:
+    if not isinstance(ck.get("encoder"), dict) or not ck["encoder"]:
         raise ValueError(f"{path}: holds no image encoder (method {ck['method']!r}, entries {sorted(ck)})")
+    if ck.get("arch", arch) != arch:
+        raise ValueError(f"{path}: expected a {arch} encoder (--arch), found a {ck['arch']} encoder")
+    net, dim = image_encoder(arch)
     try:
-        net.load_state_dict(enc)
+        net.load_state_dict(ck["encoder"])
     except RuntimeError as e:
-        found = ck.get("arch") or "another architecture"
-        raise ValueError(f"{path}: expected a {arch} encoder (--arch), found {found} "
-                         f"({str(e).splitlines()[1].strip()[:150] if e.args else e})") from None
+        raise ValueError(f"{path}: expected a {arch} encoder (--arch), found weights that do not fit it "
+                         f"({str(e).strip().splitlines()[-1].strip()[:150]})") from None
     return net, dim, ck
 
 
@@ -1344,8 +1276,8 @@ def embedding_spread(z):
 
 
 class ResumableSampler(torch.utils.data.distributed.DistributedSampler):
-    """DistributedSampler (its order a function of seed and epoch) that can start `skip` samples in, so a run
-    resumed inside an epoch reads and decodes none of the batches already done."""
+    """DistributedSampler (its order a function of seed and epoch) starting `skip` samples in: a run resumed
+    inside an epoch neither reads nor decodes the batches already done."""
     skip = 0
 
     def __iter__(self):
@@ -1356,46 +1288,44 @@ class ResumableSampler(torch.utils.data.distributed.DistributedSampler):
 
 
 class Run:
-    """One training run: process group and device, seeds, the run folder and its JSON log, checkpoints
-    (atomic, CPU tensors, at each epoch's end, every --save-every steps, and at the next step after
-    SIGTERM or SIGINT), exact resume from any of them, and the NaN guard."""
+    """One training run: process group and device, seeds, run folder and JSON log, checkpoints (atomic, CPU
+    tensors; at each epoch's end, every --save-every steps, at --max-steps and at the next step after
+    SIGTERM or SIGINT), exact resume from any of them, the NaN guard."""
 
     def __init__(self, args, name):
-        self.args, self.name = args, name
-        cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+        self.args, a = args, args
+        cuda = a.device.startswith("cuda") or (a.device == "auto" and torch.cuda.is_available())
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         if "RANK" in os.environ:  # torchrun: NCCL between GPUs, gloo between CPU processes
             torch.distributed.init_process_group("nccl" if cuda else "gloo")
-            self.device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
-        else:
-            self.device = torch.device(("cuda" if args.device == "auto" else args.device) if cuda else "cpu")
+        local = os.environ.get("LOCAL_RANK")
+        self.device = torch.device((f"cuda:{local}" if local else "cuda" if a.device == "auto" else a.device)
+                                   if cuda else "cpu")
         if cuda:
             torch.cuda.set_device(self.device)
         self.cuda, self.master = cuda, self.rank == 0
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-        if args.batch_size % self.world:
-            raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the number of processes ({self.world})")
-        self.local_batch = args.batch_size // self.world
-        torch.manual_seed(args.seed)
-        np.random.seed(args.seed)
-        if args.deterministic:
+        if a.batch_size % self.world:
+            raise SystemExit(f"--batch-size {a.batch_size} must be divisible by the number of processes ({self.world})")
+        self.local_batch = a.batch_size // self.world
+        torch.manual_seed(a.seed)
+        np.random.seed(a.seed)
+        if a.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
-        self.out = Path(args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.out = Path(a.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.ckpt_path = self.out / "checkpoint.pt"
-        if self.ckpt_path.exists() and not args.resume:
+        if self.ckpt_path.exists() and not a.resume:
             raise SystemExit(f"{self.out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
-        if args.resume and not self.ckpt_path.exists():
+        if a.resume and not self.ckpt_path.exists():
             raise SystemExit(f"--resume: no checkpoint at {self.ckpt_path}")
-        self.state = load_checkpoint(self.ckpt_path) if args.resume else None  # what the script rebuilds from
+        self.state = load_checkpoint(self.ckpt_path) if a.resume else None  # what the script rebuilds from
         self.step = self.epoch = self.epoch_step = 0
-        self.epoch_done, self.stopped, self.signal, self.saved = True, False, None, {}
-        self.loss_sum, self.loss, self.log_file, self.warned = None, None, None, False
+        self.epoch_done, self.stopped, self.warned, self.signal, self.log_file = True, False, False, None, None
 
-    # -- set-up ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def rank0_first(self):
-        """Rank 0 runs the block first (it builds the decode cache), the other ranks then only read."""
+        """Rank 0 runs the block first (it builds the decode cache); the other ranks then only read."""
         if self.world > 1 and not self.master:
             torch.distributed.barrier()
         yield
@@ -1403,7 +1333,7 @@ class Run:
             torch.distributed.barrier()
 
     def prepare(self, model):
-        """On the device; on CUDA channels_last, and SyncBatchNorm under torchrun (per process on the CPU)."""
+        """On the device; on CUDA in channels_last and, under torchrun, with SyncBatchNorm (the CPU: per process)."""
         model = model.to(self.device)
         if self.world > 1 and self.cuda:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -1411,43 +1341,38 @@ class Run:
 
     def distribute(self, model):
         """DDP under torchrun (gradients averaged over ranks), else the model itself."""
-        if self.world == 1:
-            return model
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[self.device] if self.cuda else None)
+        return model if self.world == 1 else torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device] if self.cuda else None)
 
     def loader(self, dataset, collate_fn=None, what="images"):
-        """The training DataLoader: this rank's share, shuffled by (seed, epoch), whole batches only.
-        Persistent workers draw nothing random; their base seed comes from a generator of the loader's
-        own, so the global stream does not depend on the epoch they started in."""
+        """This rank's whole batches, shuffled by (seed, epoch). Persistent workers draw nothing random; their
+        base seed comes from the loader's own generator, so the global stream is the same on resume."""
         if len(dataset) < self.args.batch_size:  # --skip-bad can leave fewer readable images than one batch
             bad = len(dataset.skipped)
             raise SystemExit(f"only {len(dataset)} " + (f"readable {what} of {len(dataset) + bad} ({bad} unreadable, "
                              "skipped)" if bad else what) + f", fewer than --batch-size {self.args.batch_size}")
         self.dataset = dataset
-        self.sampler = ResumableSampler(dataset, self.world, self.rank, shuffle=True, seed=self.args.seed,
-                                        drop_last=True)
-        return torch.utils.data.DataLoader(dataset, batch_size=self.local_batch, sampler=self.sampler,
+        self.sampler = ResumableSampler(dataset, self.world, self.rank, shuffle=True, seed=self.args.seed, drop_last=True)
+        return torch.utils.data.DataLoader(dataset, self.local_batch, sampler=self.sampler, drop_last=True,
                                            num_workers=self.args.workers, collate_fn=collate_fn, pin_memory=self.cuda,
-                                           drop_last=True, persistent_workers=self.args.workers > 0,
+                                           persistent_workers=self.args.workers > 0,
                                            generator=torch.Generator().manual_seed(self.args.seed))
 
     def checkpoint(self, **entries):
-        """What every checkpoint holds beside the run's position: modules, optimiser and scheduler by
-        their state dicts (read when saving), other values as they are. With --resume they are loaded."""
-        self.entries = entries
-        if self.state is None:
+        """What each checkpoint holds beside the run's place: objects with a state dict (saved as it is then), and
+        plain values. On --resume the objects are loaded and the run continues where the checkpoint was written."""
+        self.entries, s = entries, self.state
+        if s is None:
             return
         for key, obj in entries.items():
-            if hasattr(obj, "load_state_dict") and key != "encoder" and key in self.state:
-                obj.load_state_dict(self.state[key])
-        s = self.state
-        self.step, self.epoch = s["step"], s["epoch"]
-        self.epoch_done = s.get("epoch_done", True)  # checkpoints from before mid-epoch resume: epoch ends only
+            if hasattr(obj, "load_state_dict") and key != "encoder":
+                obj.load_state_dict(s[key])
+        self.epoch_done = s.get("epoch_done", True)  # older checkpoints were written at epoch ends only
+        self.step, self.epoch = s["step"], s["epoch"] + self.epoch_done
         self.epoch_step = 0 if self.epoch_done else s["epoch_step"]
-        self.epoch += 1 if self.epoch_done else 0
 
     def start(self, summary):
-        """The run folder: args.json (or, on resume, a line in resumes.jsonl), the log, the summary line."""
+        """The run folder: args.json (on resume, a line in resumes.jsonl), the log, SIGTERM/SIGINT handlers."""
         if self.master:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.args.resume:  # the first args.json stays; each resume is recorded beside it
@@ -1460,30 +1385,25 @@ class Run:
                 (self.out / "args.json").write_text(json.dumps(vars(self.args), indent=1))
             self.log_file = open(self.out / "log.jsonl", "a")
             print(f"{summary}, {self.world} process(es) on {self.device}, run folder {self.out}")
-        self._handlers = {}
-        if threading.current_thread() is threading.main_thread():  # a preempted job saves and stops cleanly
+        self.handlers = {}
+        if threading.current_thread() is threading.main_thread():  # a preempted job saves, then stops
             for sig in (signal.SIGTERM, signal.SIGINT):
-                self._handlers[sig] = signal.signal(sig, self._on_signal)
+                self.handlers[sig] = signal.signal(sig, lambda n, _: setattr(self, "signal", signal.Signals(n).name))
 
-    def _on_signal(self, signum, frame):
-        self.signal = signal.Signals(signum).name
-
-    # -- the loop -------------------------------------------------------------------------------------
     def epochs(self):
-        """Yields (epoch, the augmentation's generator) from where the run stands. Every epoch's
-        randomness is a function of (seed, epoch); inside an epoch, the checkpoint's states go on."""
+        """(epoch, the augmentation's generator) from where the run stands. An epoch's randomness is a function
+        of (seed, epoch); a run resumed inside an epoch takes the checkpoint's random states instead."""
         for epoch in range(self.epoch, self.args.epochs):
-            self.epoch = epoch
+            self.epoch, s = epoch, self.state
             self.views = epoch_generator(self.device, self.args.seed, epoch, self.rank)
-            s = self.state
-            if s is not None and not self.epoch_done and s["epoch"] == epoch:  # resumed inside this epoch
+            if s is not None and not self.epoch_done and s["epoch"] == epoch:
                 torch.set_rng_state(s["rng"]["torch"])
                 if self.cuda and "cuda" in s["rng"]:
                     torch.cuda.set_rng_state(s["rng"]["cuda"])
-                self.views.set_state(s["rng"]["views"].to(self.views.get_state().device))
+                self.views.set_state(s["rng"]["views"])
                 self.loss_sum = s["loss_sum"].to(self.device)
             else:
-                torch.manual_seed(self.args.seed * 100003 + epoch)  # a prime stride keeps seeds and epochs apart
+                torch.manual_seed(self.args.seed * 100003 + epoch)  # a prime stride: no two (seed, epoch) share one
                 self.epoch_step, self.loss_sum = 0, torch.zeros((), device=self.device)
             self.epoch_done = False
             self.sampler.set_epoch(epoch)
@@ -1493,71 +1413,64 @@ class Run:
                 return
 
     def batches(self, loader):
-        """This epoch's batches; after each step, the checkpoint when one is due, and the stop."""
-        args = self.args
-        bar = tqdm(loader, desc=f"epoch {self.epoch}", disable=not self.master, leave=False)
-        self.bar, self.t0, self.seen = bar, time.time(), 0
-        for batch in bar:
-            self.step += 1
-            self.epoch_step += 1
-            self.seen += 1
+        """The epoch's batches; after each step, the checkpoint when one is due, and the stop."""
+        a, skipped = self.args, self.epoch_step
+        self.bar, self.t0 = tqdm(loader, desc=f"epoch {self.epoch}", disable=not self.master, leave=False), time.time()
+        for batch in self.bar:
+            self.step, self.epoch_step = self.step + 1, self.epoch_step + 1
             yield batch
-            signal_now = self.signal is not None
+            stop = self.signal is not None
             if self.world > 1:  # every rank stops at the same step
-                flag = torch.tensor(float(signal_now), device=self.device)
-                torch.distributed.all_reduce(flag)
-                signal_now = bool(flag > 0)
-            at_max = bool(args.max_steps) and self.step >= args.max_steps
-            if signal_now or at_max or (args.save_every and self.step % args.save_every == 0):
-                self.epoch_done = self.epoch_step == len(loader) + self.sampler.skip // self.local_batch
+                stop = bool(self.mean(torch.tensor(float(stop), device=self.device)) > 0)
+            at_max = bool(a.max_steps) and self.step >= a.max_steps
+            if stop or at_max or (a.save_every and self.step % a.save_every == 0):
+                self.epoch_done = self.epoch_step == skipped + len(loader)
                 self.save()
-            if signal_now or at_max:
+            if stop:
+                self.finish()
+                raise SystemExit(f"stopped by {self.signal or 'a signal to another rank'} at step {self.step}: "
+                                 f"checkpoint {self.ckpt_path}; continue with --resume --out {self.out}")
+            if at_max:
                 self.stopped = True
-                if signal_now:
-                    self.finish()
-                    raise SystemExit(f"stopped by {self.signal or 'a signal on another rank'} at step {self.step}: "
-                                     f"checkpoint at {self.ckpt_path}; continue with --resume --out {self.out}")
                 return
         self.epoch_done = True
         self.save()
 
     def track(self, loss):
-        """Adds the step's loss to the epoch's mean (on the device: no sync); True on a logging step."""
+        """The step's loss into the epoch's mean (on the device: no sync); True on a logging step."""
         self.loss = loss.detach()
         self.loss_sum = self.loss_sum + self.loss.float()
         return self.step % self.args.log_every == 0 or self.step == 1
 
     def mean(self, x):
-        """A float, averaged over the ranks."""
+        """A float, the mean over the ranks."""
         x = x.detach().float().clone()
         if self.world > 1:
             torch.distributed.all_reduce(x)
-            x /= self.world
-        return float(x)
+        return float(x) / self.world
 
     def log(self, **metrics):
-        """One JSON line: step, epoch, the loss (mean over ranks), these metrics, images/s. Stops on a NaN."""
-        loss = self.check_finite()
-        rec = {"step": self.step, "epoch": self.epoch, "loss": loss, **metrics,
-               "img_per_s": round(self.seen * self.args.batch_size / max(time.time() - self.t0, 1e-9), 1)}
+        """One JSON line (step, epoch, the loss averaged over ranks, metrics, images/s); the NaN guard."""
+        rec = {"step": self.step, "epoch": self.epoch, "loss": self.check_finite(), **metrics,
+               "img_per_s": round(self.epoch_step * self.args.batch_size / max(time.time() - self.t0, 1e-9), 1)}
         self.write(rec)
         if self.master:
             self.bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items() if k in ("loss", "spread", "t", "gap")})
         return rec
-
-    def warn_once(self, condition, message):
-        """A warning the first time `condition` holds (on rank 0): a collapse is said once, not every step."""
-        if condition and not self.warned and self.master:
-            self.warned = True
-            warnings.warn(message)
 
     def write(self, rec):
         if self.master:
             self.log_file.write(json.dumps(rec) + "\n")
             self.log_file.flush()
 
+    def warn_once(self, condition, message):
+        """A warning the first time `condition` holds: a collapse is said once, not at every step."""
+        if condition and not self.warned and self.master:
+            self.warned = True
+            warnings.warn(message)
+
     def check_finite(self):
-        """The NaN guard: the last loss (mean over ranks), or a stop that leaves the last checkpoint as it is."""
+        """The last loss (mean over ranks); a stop that leaves the last checkpoint as it is if it is not finite."""
         loss = self.mean(self.loss)
         if not math.isfinite(loss):
             self.finish()
@@ -1566,31 +1479,28 @@ class Run:
         return loss
 
     def epoch_loss(self):
-        """The mean loss of this epoch's steps so far, over ranks: one batch swings by several percent."""
+        """The mean loss of this epoch's steps so far, over the ranks: one batch swings by several percent."""
         return self.mean(self.loss_sum) / max(self.epoch_step, 1)
 
     def save(self):
-        """The checkpoint, written atomically by rank 0: the entries, the position, the random states."""
+        """The checkpoint, written atomically by rank 0: the entries, the run's place, the random states."""
         self.check_finite()
-        if not self.master:
-            return
-        rng = {"torch": torch.get_rng_state(), "views": self.views.get_state()}
-        if self.cuda:
-            rng["cuda"] = torch.cuda.get_rng_state()
-        state = {k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in self.entries.items()}
-        state.update(epoch=self.epoch, step=self.step, epoch_step=self.epoch_step, epoch_done=self.epoch_done,
-                     loss_sum=self.loss_sum, rng=rng, args=vars(self.args))
-        tmp = f"{self.ckpt_path}.tmp"
-        torch.save(to_cpu(state), tmp)  # CPU tensors: a GPU run's checkpoint loads on any machine
-        os.replace(tmp, self.ckpt_path)  # a crash mid-write leaves the previous checkpoint intact
-        if self.dataset.skipped and self.epoch_done:
-            print(self.dataset.report_skipped(), file=sys.stderr)
+        if self.master:
+            rng = {"torch": torch.get_rng_state(), "views": self.views.get_state(),
+                   **({"cuda": torch.cuda.get_rng_state()} if self.cuda else {})}
+            state = {k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in self.entries.items()}
+            state.update(epoch=self.epoch, step=self.step, epoch_step=self.epoch_step, epoch_done=self.epoch_done,
+                         loss_sum=self.loss_sum, rng=rng, args=vars(self.args))
+            torch.save(to_cpu(state), f"{self.ckpt_path}.tmp")  # CPU tensors: it loads on any machine
+            os.replace(f"{self.ckpt_path}.tmp", self.ckpt_path)  # a crash mid-write leaves the last one intact
+            if self.dataset.skipped and self.epoch_done:
+                print(self.dataset.report_skipped(), file=sys.stderr)
 
     def finish(self):
         """Close the log, give the signal handlers back, leave the process group."""
-        for sig, handler in getattr(self, "_handlers", {}).items():
+        for sig, handler in getattr(self, "handlers", {}).items():
             signal.signal(sig, handler)
-        self._handlers = {}
+        self.handlers = {}
         if self.log_file is not None:
             self.log_file.close()
             self.log_file = None
@@ -1602,19 +1512,18 @@ def to_cpu(obj):
     """The same nesting of dicts and lists with every tensor on the CPU."""
     if torch.is_tensor(obj):
         return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
+    if isinstance(obj, (dict, list, tuple)):
+        items = [(k, to_cpu(v)) for k, v in (obj.items() if isinstance(obj, dict) else enumerate(obj))]
+        return dict(items) if isinstance(obj, dict) else type(obj)(v for _, v in items)
     return obj
 
 
 class KNNMonitor:
-    """The kNN monitor of the image-only scripts: frozen features of a labelled set, half of its patients
-    as the bank, the other half as queries, top-1 accuracy of a k-nearest-neighbour vote."""
+    """The image-only scripts' kNN monitor: frozen features of a labelled set (the demo's without finetune.py's
+    test patients), half its patients the bank, half the queries; top-1 accuracy of a k-neighbour vote."""
 
     def __init__(self, args, run):
-        if args.eval_data == "demo":  # the demo's labels, without finetune.py's test patients
+        if args.eval_data == "demo":
             paths, labels, _, ids = demo_labelled("cytology" if args.demo == "cytology" else "rsna", without_test=True)
         else:
             paths, labels, _ = (read_label_csv if args.eval_data.endswith(".csv") else read_class_folders)(args.eval_data)
@@ -1627,15 +1536,15 @@ class KNNMonitor:
         self.run, self.k, self.every = run, args.knn_k, args.knn_every
 
     def __call__(self, encoder, epoch):
-        """Evaluate at epoch -1 (random weights: the baseline), every --knn-every epochs, and at the last."""
+        """At epoch -1 (random weights: the baseline to beat), every --knn-every epochs and at the last."""
         run = self.run
-        if epoch >= 0 and not ((epoch + 1) % self.every == 0 or epoch + 1 == run.args.epochs):
+        if epoch >= 0 and (epoch + 1) % self.every and epoch + 1 != run.args.epochs:
             return
         encoder.eval()
         with torch.no_grad(), run.amp:
-            feats = torch.cat([encoder(x.to(run.device)).float().cpu() for x, _ in self.loader])
+            f = torch.cat([encoder(x.to(run.device)).float().cpu() for x, _ in self.loader])
         encoder.train()
-        acc = knn_accuracy(feats[self.bank], self.labels[self.bank], feats[self.query], self.labels[self.query], self.k)
+        acc = knn_accuracy(f[self.bank], self.labels[self.bank], f[self.query], self.labels[self.query], self.k)
         run.write({"epoch": epoch, "step": run.step, f"knn_top1@{self.k}": acc})
         print(f"epoch {epoch}: kNN top-1 accuracy {acc:.3f}" + (" (random weights)" if epoch < 0 else ""))
 

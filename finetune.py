@@ -35,7 +35,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 import torchvision.transforms.v2 as T
 
 import data
@@ -44,31 +43,37 @@ METHODS = {"convirt", "simclr", "byol", "barlow", "agbt"}
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", action="append", default=[], help="pretrained checkpoint, PATH or NAME=PATH (repeatable)")
-    p.add_argument("--init", action="append", default=[], choices=["imagenet", "random"], help="a supervised baseline row (repeatable)")
+    p.add_argument("--init", action="append", default=[], choices=["imagenet", "random"],
+                   help="a supervised baseline row (repeatable)")
     p.add_argument("--arch", default="resnet18",
-                   choices=["resnet18", "resnet50", "densenet121", "efficientnet_b0", "vit_b_16"], help="encoder (vit_b_16 needs --size 224)")
-    p.add_argument("--task", default="rsna", choices=["rsna", "chexpert", "folder", "csv", "hicervix"], help="downstream task")
-    p.add_argument("--data", default=None, help="task data: RSNA folder, CheXpert CSV, class-folder root, CSV; none: the demo sets")
+                   choices=["resnet18", "resnet50", "densenet121", "efficientnet_b0", "vit_b_16"],
+                   help="encoder (vit_b_16 needs --size 224)")
+    p.add_argument("--task", default="rsna", choices=["rsna", "chexpert", "folder", "csv", "hicervix"],
+                   help="downstream task")
+    p.add_argument("--data", default=None, help="RSNA folder, CheXpert CSV, class folders, CSV; none: the demo sets")
     p.add_argument("--image-root", default=None, help="images of a CSV task (default: the CSV's folder)")
-    p.add_argument("--label-col", default="label", help="csv task: label column (several, comma-separated, for multi-label)")
+    p.add_argument("--label-col", default="label", help="csv task: label column (comma-separated for multi-label)")
     p.add_argument("--grouping", default=None, help="folder task: a grouping of the class folders, e.g. herlev-2class")
     p.add_argument("--level", type=int, default=1, help="hicervix task: hierarchy level 1, 2 or 3")
-    p.add_argument("--observations", default="14", choices=["14", "5"], help="chexpert task: all 14 or the 5 competition ones")
-    p.add_argument("--uncertainty", default="ones", choices=["ones", "zeros", "ignore"], help="chexpert task: -1 labels")
+    p.add_argument("--observations", default="14", choices=["14", "5"], help="chexpert: all 14 or the 5 competition")
+    p.add_argument("--uncertainty", default="ones", choices=["ones", "zeros", "ignore"], help="chexpert: -1 labels")
     p.add_argument("--mode", nargs="+", default=["linear"], choices=["linear", "finetune"], help="protocols")
-    p.add_argument("--head", default="sklearn", choices=["sklearn", "torch"], help="linear probe: logistic regression or a torch layer")
-    p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0], help="label fractions of the train split")
+    p.add_argument("--head", default="sklearn", choices=["sklearn", "torch"],
+                   help="linear probe: logistic regression or a torch layer")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0], help="label fractions of train")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; each cell is mean +- std over them")
-    p.add_argument("--size", type=int, default=None, help="image side in pixels (default 224 with --data; 64 on the demo data)")
-    p.add_argument("--channels", type=int, default=None, choices=[1, 3], help="channels read (default 3 for cytology, else 1)")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels (default 224; 64 on the demo data)")
+    p.add_argument("--channels", type=int, default=None, choices=[1, 3], help="channels (default: 3 cytology, else 1)")
     p.add_argument("--batch-size", type=int, default=32, help="fine-tuning batch")
     p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (early stopping on val AUC)")
     p.add_argument("--patience", type=int, default=3, help="fine-tuning: epochs without val AUC gain before stopping")
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (the new head: 10x)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="fine-tuning weight decay")
-    p.add_argument("--embed", action="store_true", help="t-SNE, K-means / DBSCAN scores, the features' effective rank and class-similarity heat maps")
+    p.add_argument("--embed", action="store_true", help="t-SNE, K-means / DBSCAN scores, the features' effective rank "
+                   "and class-similarity heat maps")
     p.add_argument("--gradcam", type=int, default=0, help="Grad-CAM overlays for N test images per class")
     p.add_argument("--cache-dir", default=data.default_cache_dir(), help="decode cache folder; '' decodes on the fly")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
@@ -100,35 +105,13 @@ def get_args(argv=None):
 
 # ---------------------------------------------------------------------------------------------- model
 
-def image_encoder(arch, weights):
-    """A torchvision model without its classifier, and its feature dimension. Keys stay torchvision's."""
-    try:
-        net = getattr(torchvision.models, arch)(weights="DEFAULT" if weights == "imagenet" else None)
-    except Exception as e:  # no network, no cached weights
-        raise SystemExit(f"could not get ImageNet weights for {arch} ({type(e).__name__}: {e}); "
-                         "offline? use --init random, or copy the file into torchvision's cache (~/.cache/torch)") from None
-    if hasattr(net, "fc"):
-        dim, net.fc = net.fc.in_features, nn.Identity()
-    elif hasattr(net, "heads"):
-        dim, net.heads = net.heads.head.in_features, nn.Identity()
-    else:
-        cls = net.classifier
-        dim, net.classifier = (cls[-1] if isinstance(cls, nn.Sequential) else cls).in_features, nn.Identity()
-    return net, dim
-
-
 def load_encoder(path, arch):
-    """The image encoder of a pretraining checkpoint; clear errors for a foreign file or another arch."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    method = ck.get("method") if isinstance(ck, dict) else None
-    if method not in METHODS or "encoder" not in ck:
-        raise ValueError(f"{path}: not a checkpoint of convirt.py, simclr.py, byol.py or barlow.py (method {method!r})")
-    if ck.get("arch") != arch:
-        raise ValueError(f"{path}: the encoder is a {ck.get('arch')}, but --arch is {arch}")
-    net, dim = image_encoder(arch, "none")
-    net.load_state_dict(ck["encoder"])
+    """The image encoder of a pretraining checkpoint: read as weights only, one clear line for a foreign file,
+    a checkpoint without an encoder or an encoder of another architecture (data.encoder_from_checkpoint)."""
+    net, dim, ck = data.encoder_from_checkpoint(path, arch)
+    if ck["method"] not in METHODS:
+        raise ValueError(f"{path}: not a checkpoint of convirt.py, simclr.py, byol.py or barlow.py "
+                         f"(method {ck['method']!r})")
     return net, dim
 
 
@@ -173,7 +156,8 @@ def metrics(kind, y, s, thresholds=None, mask=None):
             per.append(float(roc_auc_score(yc, s[:, c])) if 0 < yc.sum() < len(yc) else None)
         pred = s.argmax(1)
         valid = [a for a in per if a is not None]
-        return {"auc": float(np.mean(valid)) if valid else None, "f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+        return {"auc": float(np.mean(valid)) if valid else None,
+                "f1": float(f1_score(y, pred, average="macro", zero_division=0)),
                 "acc": float(accuracy_score(y, pred)), "per_class_auc": per, "threshold": "argmax"}
     mask = np.ones_like(y) if mask is None else mask
     t = np.full(y.shape[1], 0.5) if thresholds is None else np.asarray(thresholds)
@@ -266,7 +250,8 @@ def confusion(kind, y, s, thresholds):
         return [confusion_matrix(y, s.argmax(1), labels=list(range(s.shape[1]))).tolist()]
     if kind == "binary":
         return [confusion_matrix(y, (s >= thresholds).astype(int), labels=[0, 1]).tolist()]
-    return [confusion_matrix(y[:, c], (s[:, c] >= thresholds[c]).astype(int), labels=[0, 1]).tolist() for c in range(y.shape[1])]
+    return [confusion_matrix(y[:, c], (s[:, c] >= thresholds[c]).astype(int), labels=[0, 1]).tolist()
+            for c in range(y.shape[1])]
 
 
 def summarize(values):
@@ -293,8 +278,8 @@ def results_table(cells, methods, fractions):
                 row.append(f"{cell['f1']} / {cell['auc']}" if cs else "")
             lines.append(f"| {m} | " + " | ".join(row) + " |")
         lines.append("")
-    return "\n".join(lines) + ("\nCells: F1 / AUC, mean ± std over seeds [95 % bootstrap interval of that mean over the "
-                               "scored images]; F1 at the threshold that maximises it on val.\n")
+    return "\n".join(lines) + ("\nCells: F1 / AUC, mean ± std over seeds [95 % bootstrap interval of that mean over "
+                               "the scored images]; F1 at the threshold that maximises it on val.\n")
 
 
 def cluster_scores(features, labels, seed=0):
@@ -340,7 +325,8 @@ def grad_cam(model, layer, x, target):
         model.zero_grad()
         out = model(x)
         out = out if out.ndim == 2 else out[:, None]
-        sel = out.gather(1, target.view(-1, 1)).sum() if out.shape[1] > 1 else (out[:, 0] * (2 * target.float() - 1)).sum()
+        sel = (out.gather(1, target.view(-1, 1)).sum() if out.shape[1] > 1
+               else (out[:, 0] * (2 * target.float() - 1)).sum())
         sel.backward()
     finally:
         h1.remove()
@@ -383,14 +369,15 @@ def load_task(args):
         csv_path = (data.demo_root() / "mimic" / "mimic-cxr-2.0.0-chexpert.csv") if demo else args.data
         root = (data.demo_root() / "mimic") if demo else args.image_root
         paths, labels, mask = data.read_chexpert_labels(csv_path, args.uncertainty, names, image_root=root)
-        ids = [Path(p).parent.parent.name if Path(p).parent.name.startswith("s") else Path(p).parent.name for p in paths]
+        ids = [(Path(p).parent.parent if Path(p).parent.name.startswith("s") else Path(p).parent).name for p in paths]
         keep = [c for c in range(len(names)) if 0 < labels[mask[:, c] > 0, c].sum() < (mask[:, c] > 0).sum()]
         if not keep:
             raise ValueError("no CheXpert observation has both positive and negative labels")
         return paths, labels[:, keep], mask[:, keep], [names[c] for c in keep], ids, "multilabel"
     if args.task == "folder":
         if demo:
-            paths, labels, names, ids = data.demo_labelled("cytology-2class" if args.grouping == "herlev-2class" else "cytology")
+            two = args.grouping == "herlev-2class"
+            paths, labels, names, ids = data.demo_labelled("cytology-2class" if two else "cytology")
         else:
             paths, labels, names = data.read_class_folders(args.data, args.grouping)
             ids = paths
@@ -398,7 +385,8 @@ def load_task(args):
         if demo:
             raise ValueError("--task csv needs --data CSV")
         cols = args.label_col.split(",")
-        paths, labels, names = data.read_label_csv(args.data, label_col=cols if len(cols) > 1 else cols[0], root=args.image_root)
+        paths, labels, names = data.read_label_csv(args.data, label_col=cols if len(cols) > 1 else cols[0],
+                                                   root=args.image_root)
         ids = paths
         if len(cols) > 1:
             return paths, labels, None, names, ids, "multilabel"
@@ -439,13 +427,15 @@ def make_split(args, paths, ids, labels, kind):
     if args.split:
         given = json.loads(Path(args.split).read_text())
         if split_hash(given) != given.get("sha256"):
-            raise ValueError(f"{args.split}: its sha256 does not match its lists: the file was edited after it was written")
+            raise ValueError(f"{args.split}: its sha256 does not match its lists: the file was edited after it was "
+                             "written")
         role = {p: name for name in ("train", "val", "test") for p in given["patients"][name]}
         missing = sorted({p for p in pids if p not in role})
         if missing:
             raise ValueError(f"{args.split}: {len(missing)} patient(s) of this task are in none of its splits, e.g. "
                              f"{missing[0]!r}: another task or data set?")
-        parts = [np.asarray([i for i, p in enumerate(pids) if role[p] == name], np.int64) for name in ("train", "val", "test")]
+        parts = [np.asarray([i for i, p in enumerate(pids) if role[p] == name], np.int64)
+                 for name in ("train", "val", "test")]
     else:
         csv = args.split_csv or (data.demo_root() / "mimic" / "mimic-cxr-2.0.0-split.csv"
                                  if args.data is None and args.task == "chexpert" else None)
@@ -455,7 +445,7 @@ def make_split(args, paths, ids, labels, kind):
         inner_tr, inner_va = data.patient_split([ids[i] for i in tr], (0.8, 0.2), seed=0)
         tr, va, te = tr[inner_tr], tr[inner_va], va
     given = given or {}
-    listed = given.get("fractions", {}) if given.get("scored") == args.score else {}  # a file's subsets of this train split
+    listed = given.get("fractions", {}) if given.get("scored") == args.score else {}  # a file's subsets of train
     fractions = {}
     position = {keys[i]: j for j, i in enumerate(tr)}
     for f in args.fractions:
@@ -463,14 +453,17 @@ def make_split(args, paths, ids, labels, kind):
             if f"{f:g}/{seed}" in listed:
                 unknown = [k for k in listed[f"{f:g}/{seed}"] if k not in position]
                 if unknown:
-                    raise ValueError(f"{args.split}: label fraction {f:g} seed {seed} names {len(unknown)} image(s) outside "
+                    raise ValueError(f"{args.split}: label fraction {f:g} seed {seed} names {len(unknown)} image(s) "
+                                     "outside "
                                      f"the train split, e.g. {unknown[0]!r}")
                 fractions[(f, seed)] = np.asarray(sorted(position[k] for k in listed[f"{f:g}/{seed}"]), np.int64)
             else:
-                fractions[(f, seed)] = data.label_fraction(labels[tr] if kind != "multilabel" else (labels[tr] > 0), f, seed)
+                y_tr = labels[tr] if kind != "multilabel" else (labels[tr] > 0)
+                fractions[(f, seed)] = data.label_fraction(y_tr, f, seed)
     record = {"task": args.task, "scored": args.score,
               "patients": {n: sorted({pids[i] for i in idx}) for n, idx in zip(("train", "val", "test"), parts)},
-              "fractions": {**listed, **{f"{f:g}/{s}": sorted(keys[tr[j]] for j in pos) for (f, s), pos in fractions.items()}}}
+              "fractions": {**listed, **{f"{f:g}/{s}": sorted(keys[tr[j]] for j in pos)
+                                         for (f, s), pos in fractions.items()}}}
     record["sha256"] = split_hash(record)
     return tr, va, te, fractions, record
 
@@ -513,7 +506,8 @@ def fit_linear(kind, ftr, ytr, mtr, fva, yva, mva, seed, head):
                     loss = F.cross_entropy(out, Y.long())
                 else:
                     tgt = Y.float().view_as(out)
-                    loss = (F.binary_cross_entropy_with_logits(out, tgt, reduction="none") * M.view_as(out)).sum() / M.sum()
+                    loss = (F.binary_cross_entropy_with_logits(out, tgt, reduction="none")
+                            * M.view_as(out)).sum() / M.sum()
                 loss.backward()
                 opt.step()
             score = _score_torch(lin, kind)
@@ -534,7 +528,11 @@ def fit_linear(kind, ftr, ytr, mtr, fva, yva, mva, seed, head):
     with torch.no_grad():
         lin.weight.copy_(torch.as_tensor(clf.coef_))
         lin.bias.copy_(torch.as_tensor(clf.intercept_))
-    return (lambda f: (lambda s: s[:, 1] if kind == "binary" else s)(clf.predict_proba(scaler.transform(f)))), _fold(lin, scaler)
+    def score(f):
+        s = clf.predict_proba(scaler.transform(f))
+        return s[:, 1] if kind == "binary" else s
+
+    return score, _fold(lin, scaler)
 
 
 def _score_torch(lin, kind):
@@ -569,7 +567,8 @@ def finetune(encoder, dim, kind, n_out, train_ds, val_loader, yva, mva, args, de
                              {"params": model[1].parameters(), "lr": args.lr * 10}], weight_decay=args.weight_decay)
     g = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=min(args.batch_size, len(train_ds)), shuffle=True,
-                                         generator=g, num_workers=args.workers, drop_last=len(train_ds) > args.batch_size)
+                                         generator=g, num_workers=args.workers,
+                                         drop_last=len(train_ds) > args.batch_size)
     total = args.epochs * len(loader)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, max(1, total // 20)))
     best, best_state, bad = -1.0, None, 0
@@ -582,7 +581,8 @@ def finetune(encoder, dim, kind, n_out, train_ds, val_loader, yva, mva, args, de
             if kind == "multiclass":
                 loss = F.cross_entropy(out, y.long())
             else:
-                loss = (F.binary_cross_entropy_with_logits(out, y.float().view_as(out), reduction="none") * m.view_as(out)).sum() / m.sum().clamp(min=1)
+                bce = F.binary_cross_entropy_with_logits(out, y.float().view_as(out), reduction="none")
+                loss = (bce * m.view_as(out)).sum() / m.sum().clamp(min=1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -674,12 +674,13 @@ def main(argv=None):
     ft_targets = [(labels[i], mask_all[i] if mask_all is not None else np.float32(1)) for i in range(len(paths))]
     curves = {}
     print(f"finetune: task {args.task} ({kind}, {len(names)} classes), {len(paths)} images "
-          f"(train {len(tr)} / val {len(va)} / {'test' if args.score == 'test' else 'scored: the val split'} {len(te)}), "
-          f"rows {[r[0] for r in rows]}, modes {args.mode}; split {out / 'split.json'} (sha256 {split_record['sha256'][:16]})")
+          f"(train {len(tr)} / val {len(va)} / {'test' if args.score == 'test' else 'scored: the val split'} "
+          f"{len(te)}), rows {[r[0] for r in rows]}, modes {args.mode}; split {out / 'split.json'} "
+          f"(sha256 {split_record['sha256'][:16]})")
     for name, (src, what) in rows:
         def fresh():
             if src == "init":
-                return image_encoder(args.arch, "imagenet" if what == "imagenet" else "none")
+                return data.image_encoder(args.arch, "imagenet" if what == "imagenet" else "none")
             return load_encoder(what, args.arch)
         feats = None
         for mode in args.mode:
@@ -694,35 +695,41 @@ def main(argv=None):
                     enc = enc.to(device)
                     if mode == "linear":
                         if feats is None:  # extracted once per row (frozen encoder), reused by every cell
-                            feats = {k: extract(enc, loader_of(idx), device, amp) for k, idx in (("train", tr), ("val", va), ("test", te))}
+                            feats = {k: extract(enc, loader_of(idx), device, amp)
+                                     for k, idx in (("train", tr), ("val", va), ("test", te))}
                         before = {k: v.clone() for k, v in enc.state_dict().items()}
-                        score, lin = fit_linear(kind, feats["train"][chosen], labels[sub], pick(mask_all, sub), feats["val"], labels[va],
-                                                pick(mask_all, va), seed, args.head)
+                        score, lin = fit_linear(kind, feats["train"][chosen], labels[sub], pick(mask_all, sub),
+                                                feats["val"], labels[va], pick(mask_all, va), seed, args.head)
                         assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items()), "the encoder moved"
                         s_va, s_te = score(feats["val"]), score(feats["test"])
                         net = nn.Sequential(enc, lin.to(device))
                     else:
-                        train_ds = data.ImageDataset([paths[i] for i in sub], [ft_targets[i] for i in sub], ft_aug, size=args.size,
-                                                     channels=channels, cache_dir=args.cache_dir or None)
+                        train_ds = data.ImageDataset([paths[i] for i in sub], [ft_targets[i] for i in sub], ft_aug,
+                                                     size=args.size, channels=channels,
+                                                     cache_dir=args.cache_dir or None)
                         net = finetune(enc, dim, kind, n_out, train_ds, loader_of(va), labels[va], pick(mask_all, va),
                                        args, device, amp, seed)
-                        s_va, s_te = predict(net, loader_of(va), kind, device, amp), predict(net, loader_of(te), kind, device, amp)
+                        s_va, s_te = (predict(net, loader_of(idx), kind, device, amp) for idx in (va, te))
                     thr = choose_thresholds(kind, labels[va], s_va, pick(mask_all, va))
                     m = metrics(kind, labels[te], s_te, thr, pick(mask_all, te))
                     if args.bootstrap:
-                        m["auc_boot"], m["f1_boot"] = bootstrap(kind, labels[te], s_te, thr, pick(mask_all, te), args.bootstrap)
+                        m["auc_boot"], m["f1_boot"] = bootstrap(kind, labels[te], s_te, thr, pick(mask_all, te),
+                                                                args.bootstrap)
                         m["auc_ci"], m["f1_ci"] = interval([m["auc_boot"]]), interval([m["f1_boot"]])
-                    m.update(method=name, source=source_of[name], scored=args.score, mode=mode, fraction=f, seed=seed, n_train=int(len(sub)),
+                    m.update(method=name, source=source_of[name], scored=args.score, mode=mode, fraction=f, seed=seed,
+                             n_train=int(len(sub)),
                              confusion=confusion(kind, labels[te], s_te, thr))
                     results.append(m)
                     atomic_json(results, out / "results.json")  # each finished cell is safe at once
                     print(f"  {name:>12} {mode:>8} {f:>5g} seed {seed}: F1 {m['f1']:.3f}  AUC "
                           f"{m['auc'] if m['auc'] is None else round(m['auc'], 3)}"
-                          + (f" {np.round(m['auc_ci'], 3).tolist()}" if m.get("auc_ci") else "") + f"  (n_train {len(sub)})")
+                          + (f" {np.round(m['auc_ci'], 3).tolist()}" if m.get("auc_ci") else "")
+                          + f"  (n_train {len(sub)})")
                     if f == max(args.fractions) and seed == args.seeds[0]:
                         curves[(name, mode)] = (s_te, net)
         if args.embed and feats is not None:
-            (out / f"embed-{name}.json").write_text(json.dumps(embed_figures(feats["test"], labels[te], names, name, out, kind)))
+            summary = embed_figures(feats["test"], labels[te], names, name, out, kind)
+            (out / f"embed-{name}.json").write_text(json.dumps(summary))
 
     methods = [r[0] for r in rows]
     table = results_table(results, methods, args.fractions)
@@ -760,7 +767,7 @@ def figures(results, curves, y, mask, names, kind, fractions, out):
     fig, ax = plt.subplots(figsize=(5, 4))
     for mode in sorted({c["mode"] for c in results}):
         for m in dict.fromkeys(c["method"] for c in results):
-            pts = [(f, np.mean([c["auc"] for c in results if c["method"] == m and c["mode"] == mode and c["fraction"] == f
+            pts = [(f, np.mean([c["auc"] for c in results if (c["method"], c["mode"], c["fraction"]) == (m, mode, f)
                                 and c["auc"] is not None] or [np.nan])) for f in fractions]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{m} ({mode})")
     ax.set(xscale="log", xlabel="label fraction", ylabel="test AUC", title="AUC against label fraction")
@@ -770,8 +777,10 @@ def figures(results, curves, y, mask, names, kind, fractions, out):
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(5, 4))
     for (m, mode), (s, _) in curves.items():
-        yy, ss = (y, s) if kind == "binary" else (np.eye(len(names))[y].ravel(), s.ravel()) if kind == "multiclass" else (
-            y[mask > 0], s[mask > 0])
+        if kind == "binary":
+            yy, ss = y, s
+        else:
+            yy, ss = (np.eye(len(names))[y].ravel(), s.ravel()) if kind == "multiclass" else (y[mask > 0], s[mask > 0])
         if len(np.unique(yy)) == 2:
             fpr, tpr, _ = roc_curve(yy, ss)
             ax.plot(fpr, tpr, label=f"{m} ({mode})")
@@ -855,7 +864,8 @@ def gradcam_figures(curves, ds, te, labels, names, kind, n, out, device):
             pred = (pred.argmax(1) if pred.shape[1] > 1 else (pred[:, 0] > 0).long()).cpu()
         fig, axes = plt.subplots(1, len(chosen), figsize=(2 * len(chosen), 2.3), squeeze=False)
         for a, img, cam, t, p in zip(axes[0], x.cpu(), cams, target.cpu(), pred):
-            g = (img * torch.tensor(data.IMAGENET_STD)[:, None, None] + torch.tensor(data.IMAGENET_MEAN)[:, None, None]).clamp(0, 1)
+            std, mean = (torch.tensor(v)[:, None, None] for v in (data.IMAGENET_STD, data.IMAGENET_MEAN))
+            g = (img * std + mean).clamp(0, 1)
             a.imshow(g.permute(1, 2, 0).numpy())
             a.imshow(cam.numpy(), cmap="jet", alpha=0.4)
             a.set_title(f"label {names[int(t)]}\npred {names[int(p)]}", fontsize=6)

@@ -27,7 +27,18 @@ import data
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    data.add_image_args(p, demo="xray")
+    p.add_argument("--data", default=None, help="folder of images/DICOMs or a CSV of paths; none: the demo data")
+    p.add_argument("--image-col", default="path", help="CSV column with the image path")
+    p.add_argument("--demo", default="xray", choices=["xray", "cytology"], help="which demo images, without --data")
+    p.add_argument("--aug", default=None, choices=data.PRESETS, help="augmentation preset (default: xray for grayscale "
+                   "or DICOM images, cytology-A for colour ones)")
+    p.add_argument("--clahe", action="store_true", help="CLAHE before the augmentation (needs scikit-image)")
+    p.add_argument("--channels", type=int, default=None, choices=[1, 3], help="channels read (default 3 for cytology "
+                   "presets, else 1)")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels (default 224; 64 on the demo data)")
+    p.add_argument("--arch", default=None, choices=["resnet18", "resnet50"], help="encoder (default resnet50; "
+                   "resnet18 on the demo)")
+    p.add_argument("--weights", default="none", choices=["imagenet", "none"], help="encoder initialisation")
     p.add_argument("--proj-hidden", type=int, default=2048, help="hidden width of the projection MLP (SimCLR: 2048)")
     p.add_argument("--proj-dim", type=int, default=128, help="output width of the projection MLP (SimCLR: 128)")
     p.add_argument("--temperature", "--tau", dest="temperature", type=float, default=0.1,
@@ -39,13 +50,39 @@ def get_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (AdamW; SimCLR: LARS at 0.3 x batch / 256)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (AdamW; SimCLR: 1e-6 with LARS)")
     p.add_argument("--warmup", type=float, default=0.05, help="warm-up as a fraction of all steps, then cosine")
-    data.add_run_args(p, "simclr")
+    p.add_argument("--knn-every", type=int, default=5, help="epochs between kNN evaluations (0: never)")
+    p.add_argument("--eval-data", default=None, help="labelled set for the kNN monitor: class folders or a CSV "
+                   "(path,label); 'demo' on the demo data")
+    p.add_argument("--knn-k", type=int, default=10, help="neighbours in the kNN monitor")
+    p.add_argument("--cache-dir", default=data.default_cache_dir(), help="decode cache folder; '' decodes on the fly")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed) instead of stopping")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--compile", action="store_true", help="torch.compile the image encoder")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
+    p.add_argument("--out", default=None, help="run folder (default runs/simclr-TIME)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: at epoch ends only)")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
+    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     args = data.parse_args(p, argv)
     # the demo's train splits have 168-192 images: a smaller batch gives the steps these methods need in minutes
     data.set_defaults(args, epochs=(60, 100), batch_size=(32, 64))
     if args.temperature <= 0:
         p.error("--temperature must be > 0")
-    return data.image_defaults(p, args)
+    data.set_defaults(args, arch=("resnet18", "resnet50"), size=(64, 224), eval_data=("demo", None))
+    if args.data is None:  # with --data and no --aug, main() chooses the preset from the images
+        args.aug = args.aug or ("xray" if args.demo == "xray" else "cytology-A")
+    if args.aug:
+        args.channels = args.channels or (3 if args.aug.startswith("cytology") else 1)
+    if args.batch_size < 2:
+        p.error("--batch-size must be at least 2: the other images of the batch are the negatives")
+    if args.lr <= 0:
+        p.error("--lr must be > 0")
+    if args.epochs < 1 or args.size < 16:
+        p.error("--epochs must be >= 1 and --size >= 16")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -126,7 +163,12 @@ def lr_factor(step, total, warmup):
 def main(argv=None):
     args = get_args(argv)
     run = data.Run(args, "simclr")  # process group, device, seeds, run folder, checkpoint to resume from
-    paths = data.image_paths(args, run.master)
+    paths = data.demo_images(args.demo) if args.data is None else data.unlabelled_images(args.data, args.image_col)
+    if args.aug is None:  # grayscale or DICOM: xray; colour: cytology-A
+        args.aug = data.preset_for(paths)
+        args.channels = args.channels or (3 if args.aug.startswith("cytology") else 1)
+        if run.master:
+            print(f"--aug {args.aug}: chosen from the images; pass --aug to choose another")
     with run.rank0_first():  # workers only read uint8 images cached a little larger than the crop
         dataset = data.ImageDataset(paths, None, data.CLAHE() if args.clahe else None, size=data.train_side(args.size),
                                     channels=args.channels, cache_dir=args.cache_dir or None, skip_bad=args.skip_bad,

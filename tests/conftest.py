@@ -48,16 +48,40 @@ def logged_losses(run_dir):
     return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "loss" in r]
 
 
-def check_exact_resume(script, args, tmp_path, steps_per_epoch, rel=1e-5, bare=False):
-    """A 2-epoch run cut after epoch 0 and resumed logs the same losses, step for step, as one
-    uninterrupted run. bare: resumed with `--resume --out DIR` alone, as a user would."""
+def check_exact_resume(script, args, tmp_path, steps_per_epoch, rel=1e-5):
+    """A 2-epoch run (`args`) stopped by SIGTERM once it has logged two steps, resumed with a bare
+    `--resume --out DIR` and cut there by --max-steps two steps into epoch 1, then resumed bare again to its
+    end, logs the same losses, step for step, as the same run uninterrupted. Both cuts fall inside an
+    epoch: the resumed runs must skip exactly the batches done and draw what the whole run drew."""
+    import json
+    import signal
+    import time
+
+    import torch
+
     run_script(script, *args, "--out", tmp_path / "full")
-    run_script(script, *args, "--out", tmp_path / "cut", "--max-steps", str(steps_per_epoch))
-    run_script(script, *([] if bare else args), "--out", tmp_path / "cut", "--resume")
-    full, cut = logged_losses(tmp_path / "full"), logged_losses(tmp_path / "cut")
-    assert len(full) == 2 * steps_per_epoch and [s for s, _ in cut] == [s for s, _ in full]
-    for (_, a), (_, b) in zip(full, cut):
+    cut = tmp_path / "cut"
+    p = subprocess.Popen([sys.executable, script, *map(str, args), "--out", str(cut)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if (cut / "log.jsonl").is_file() and len(logged_losses(cut)) >= 2:
+            p.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 1 and "stopped by SIGTERM at step" in err, (p.returncode, out[-2000:], err[-2000:])
+    stopped = torch.load(cut / "checkpoint.pt", weights_only=True)
+    assert stopped["step"] == len(logged_losses(cut)) < 2 * steps_per_epoch
+    run_script(script, "--resume", "--out", cut, "--max-steps", steps_per_epoch + 2)
+    ck = torch.load(cut / "checkpoint.pt", weights_only=True)
+    assert (ck["epoch"], ck["epoch_step"], ck["epoch_done"]) == (1, 2, False)
+    run_script(script, "--resume", "--out", cut)
+    full, resumed = logged_losses(tmp_path / "full"), logged_losses(cut)
+    assert len(full) == 2 * steps_per_epoch and [s for s, _ in resumed] == [s for s, _ in full]
+    for (_, a), (_, b) in zip(full, resumed):
         assert abs(a - b) <= rel * max(abs(a), 1e-12), (a, b)
+    return [json.loads(x) for x in (cut / "resumes.jsonl").read_text().splitlines()]
 
 
 def spawn_two(worker, *args):

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torchvision
 from sklearn.metrics import f1_score, roc_auc_score
 
+import data
 import finetune
 from conftest import run_script
 
@@ -83,7 +84,7 @@ def test_effective_rank_hand_worked():
 
 
 def test_grad_cam_shape_and_range():
-    enc, dim = finetune.image_encoder("resnet18", "none")
+    enc, dim = data.image_encoder("resnet18", "none")
     net = nn.Sequential(enc, nn.Linear(dim, 3)).eval()
     x = torch.randn(2, 3, 64, 64)
     cam = finetune.grad_cam(net, finetune.last_conv_block(enc), x, torch.tensor([0, 2]))
@@ -128,14 +129,14 @@ def test_random_row_is_the_initial_weights_of_a_seed_0_run(checkpoints, method):
     # these scripts do at their default --seed 0, so the row is exactly where their runs start.
     # (convirt.py builds the demo BERT first: its image encoder is another draw.)
     torch.manual_seed(0)
-    fresh, _ = finetune.image_encoder("resnet18", "none")
+    fresh, _ = data.image_encoder("resnet18", "none")
     encoder = torch.load(checkpoints[method], weights_only=False)["encoder"]
     for name, w in fresh.named_parameters():  # parameters: the one step moved BatchNorm's running statistics
         assert torch.allclose(encoder[name], w, rtol=0, atol=1e-9), name
 
 
 def test_checkpoint_errors(checkpoints, tmp_path):
-    with pytest.raises(ValueError, match="the encoder is a resnet18, but --arch is resnet50"):
+    with pytest.raises(ValueError, match="expected a resnet50 encoder \\(--arch\\), found a resnet18 encoder"):
         finetune.load_encoder(str(checkpoints["simclr"]), "resnet50")
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a checkpoint of convirt.py, simclr.py, byol.py or barlow.py"):
@@ -146,7 +147,7 @@ def test_checkpoint_errors(checkpoints, tmp_path):
 
 def _watch_encoder(monkeypatch):
     """Make load_encoder hand out one encoder object we keep, with a copy of its starting weights."""
-    enc, dim = finetune.image_encoder("resnet18", "none")
+    enc, dim = data.image_encoder("resnet18", "none")
     start = {k: v.clone() for k, v in enc.state_dict().items()}
     monkeypatch.setattr(finetune, "load_encoder", lambda path, arch: (enc, dim))
     return enc, start
