@@ -229,18 +229,18 @@ def main(argv=None):
                    scheduler=scheduler)
     if args.compile:
         model.encoder.compile()  # in place: the state dict keeps torchvision's key names
-    ddp_model = run.distribute(model)
+    train_model = run.distribute(model)  # DDP over the model under torchrun, else the model
     knn = data.KNNMonitor(args, run) if args.eval_data and args.knn_every and run.master else None
     run.start(f"{args.loss}: {len(dataset)} images, {args.arch}, projector {args.projector}, aug {args.aug}")
     if knn and run.step == 0:
         knn(model.encoder, -1)  # the same encoder before any training: the baseline pretraining must beat
 
-    for epoch, views in run.epochs():
+    for epoch, rng in run.epochs():  # rng: this epoch's augmentation draws (a torch.Generator)
         for x, _ in run.batches(loader):
             # ALGORITHM: the cross-correlation of the global batch's two views, pushed to the identity
             x = x.to(run.device, non_blocking=True)
             with run.amp:
-                p1, p2, a1, a2 = ddp_model(augment(x, views), augment(x, views))
+                p1, p2, a1, a2 = train_model(augment(x, rng), augment(x, rng))
             # the gather's backward sums each rank's share and DDP averages: one process's gradient on that batch
             p1, p2 = gather(p1, run.world), gather(p2, run.world)
             if args.loss == "agbt":
@@ -267,5 +267,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, data.BadImageError) as e:  # bad input: the message, not a traceback
+    except (ValueError, FileNotFoundError, ImportError, data.BadImageError) as e:  # the message, not a traceback
         raise SystemExit(f"barlow.py: {e}") from None

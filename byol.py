@@ -208,20 +208,20 @@ def main(argv=None):
                    optimizer=optimizer, scheduler=scheduler)
     if args.compile:
         model.encoder.compile()  # in place: the state dict keeps torchvision's key names
-    ddp_model = run.distribute(model)
+    train_model = run.distribute(model)  # DDP over the model under torchrun, else the model
     knn = data.KNNMonitor(args, run) if args.eval_data and args.knn_every and run.master else None
     run.start(f"byol: {len(dataset)} images, {args.arch}, aug {args.aug}, EMA {args.tau_base} -> 1")
     if knn and run.step == 0:
         knn(model.encoder, -1)  # the same encoder before any training: the baseline pretraining must beat
 
     spread = None
-    for epoch, views in run.epochs():
+    for epoch, rng in run.epochs():  # rng: this epoch's augmentation draws (a torch.Generator)
         for x, _ in run.batches(loader):
             # ALGORITHM: each view's online prediction regresses the other view's target projection
             x = x.to(run.device, non_blocking=True)
-            x1, x2 = augment(x, views), augment(x, views)
+            x1, x2 = augment(x, rng), augment(x, rng)
             with run.amp:
-                p1, p2 = ddp_model(x1, x2)
+                p1, p2 = train_model(x1, x2)
                 with torch.no_grad():
                     z1, z2 = target(x1, x2)
             loss = byol_loss(p1, z2) + byol_loss(p2, z1)
@@ -248,5 +248,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, data.BadImageError) as e:  # bad input: the message, not a traceback
+    except (ValueError, FileNotFoundError, ImportError, data.BadImageError) as e:  # the message, not a traceback
         raise SystemExit(f"byol.py: {e}") from None

@@ -493,7 +493,7 @@ def main(argv=None):
                    tokenizer_json=tokenizer_json, optimizer=optimizer, scheduler=scheduler)
     if args.compile:
         model.image_encoder.compile()  # in place: the state dict keeps torchvision's key names
-    ddp_model = run.distribute(model)
+    train_model = run.distribute(model)  # DDP over the model under torchrun, else the model
     eval_loader = None
     if eval_paths is not None and args.eval_every:  # every rank evaluates, so none waits for rank 0 in a collective
         eval_ds = data.ImageDataset(eval_paths, None, data.eval_transform(args.size), size=args.size, channels=1,
@@ -504,14 +504,14 @@ def main(argv=None):
               + (" + heuristic" if heuristic else ""))
 
     last_eval = last_rec = None
-    for epoch, views in run.epochs():
+    for epoch, rng in run.epochs():  # rng: this epoch's augmentation draws (a torch.Generator)
         pick.epoch.fill_(epoch)  # the workers' sentence draw is a function of (seed, epoch, study)
         for x, ids, mask in run.batches(loader):
             # ALGORITHM: both towers, the global batch, one of the two losses
             x = augment(x.to(run.device, non_blocking=True), views)
             ids, mask = ids.to(run.device, non_blocking=True), mask.to(run.device, non_blocking=True)
             with run.amp:
-                u, v = ddp_model(x, ids, mask)
+                u, v = train_model(x, ids, mask)
             u_all, v_all = gather(u, run.world), gather(v, run.world)
             offset = run.rank * u.shape[0]
             if args.loss == "softmax":
@@ -555,5 +555,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, data.BadImageError) as e:  # bad input: the message, not a traceback
+    except (ValueError, FileNotFoundError, ImportError, data.BadImageError) as e:  # the message, not a traceback
         raise SystemExit(f"convirt.py: {e}") from None

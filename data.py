@@ -802,7 +802,7 @@ class DecodeCache:
                     if pool:
                         pool.close()
                     # written even after an interruption, so what was decoded is not lost
-                    _atomic_write_text(self.index_path, json.dumps(index))
+                    atomic_write_text(self.index_path, json.dumps(index))
         slots, bad = [], {}
         for k, p in zip(keys, paths):
             if k is None:
@@ -831,7 +831,8 @@ class DecodeCache:
         return d
 
 
-def _atomic_write_text(path, text):
+def atomic_write_text(path, text):
+    """Write a whole file or nothing: a temporary file beside it, then one rename."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
     with os.fdopen(fd, "w") as f:
@@ -979,14 +980,16 @@ def _uniform(g, shape, lo, hi):
     return _rand(g, *shape) * (hi - lo) + lo
 
 
-def _boxes(g, n, height, width, scale, ratio, fallback_whole):
-    """(top, left, h, w, found) per image, torchvision's RandomResizedCrop / RandomErasing draw: ten
-    tries of an area fraction in `scale` and a log-uniform aspect ratio in `ratio`, the first that
-    fits; none fits: the whole image (crop) or nothing (erasing, found False)."""
+def _boxes(g, n, height, width, scale, ratio, erase=False):
+    """(top, left, h, w, found) per image, torchvision's RandomResizedCrop (or, erase, RandomErasing) draw:
+    ten tries of an area fraction in `scale` and a log-uniform aspect ratio r in `ratio`, the first that
+    fits; none fits: the whole image (crop) or nothing (erasing, found False). The crop's w = sqrt(area r),
+    the erased box's h = sqrt(area r), as torchvision's get_params have them."""
     area = _uniform(g, (n, 10), *scale) * height * width
     r = torch.exp(_uniform(g, (n, 10), math.log(ratio[0]), math.log(ratio[1])))
-    w, h = torch.sqrt(area * r).round(), torch.sqrt(area / r).round()
-    fits = (w >= 1) & (h >= 1) & ((w <= width) & (h <= height) if fallback_whole else (w < width) & (h < height))
+    h, w = torch.sqrt(area / r).round(), torch.sqrt(area * r).round()
+    h, w = (w, h) if erase else (h, w)
+    fits = (w < width) & (h < height) if erase else (w >= 1) & (h >= 1) & (w <= width) & (h <= height)
     pick = fits.float().argmax(1, keepdim=True)
     found = fits.any(1)
     h = torch.where(found, h.gather(1, pick)[:, 0], torch.full_like(h[:, 0], height))
@@ -995,7 +998,7 @@ def _boxes(g, n, height, width, scale, ratio, fallback_whole):
     return top, left, h, w, found
 
 
-def _per(v):
+def _per_image(v):
     return v.reshape(-1, 1, 1, 1)
 
 
@@ -1035,7 +1038,7 @@ def _subset(mask, fn, x, where=False):
     operations it gets (the CPU's way). where=True: fn runs on every image and the mask picks, with
     no host sync, so the CPU keeps queueing work ahead of a GPU, for which elementwise work is cheap."""
     if where:
-        return torch.where(_per(mask), fn(x, slice(None)), x)
+        return torch.where(_per_image(mask), fn(x, slice(None)), x)
     idx = mask.nonzero().squeeze(1)
     if len(idx) == len(x):
         return fn(x, idx)
@@ -1051,11 +1054,11 @@ def jitter_images(x, factors, order, where=False):
         def run(y, idx):
             f = factors[k][idx]
             if k == 0:
-                return (y * _per(f)).clamp(0, 1)
+                return (y * _per_image(f)).clamp(0, 1)
             if k == 1:
-                return (_per(f) * y + (1 - _per(f)) * _gray(y).mean((1, 2, 3), keepdim=True)).clamp(0, 1)
+                return (_per_image(f) * y + (1 - _per_image(f)) * _gray(y).mean((1, 2, 3), keepdim=True)).clamp(0, 1)
             if k == 2:
-                return (_per(f) * y + (1 - _per(f)) * _gray(y)).clamp(0, 1)
+                return (_per_image(f) * y + (1 - _per_image(f)) * _gray(y)).clamp(0, 1)
             return _hue_shift(y, f)
         return run
 
@@ -1110,86 +1113,86 @@ class BatchAugment:
         xray, cyto, colour, convirt = p.startswith("xray"), p.startswith("cytology"), self.channels == 3, p == "convirt"
         coin = lambda prob: _rand(g, n) < prob  # noqa: E731
         scale, ratio = ((0.6, 1.0), (0.85, 1.15)) if xray else ((0.08 if p == "simclr" else 0.6 if convirt else 0.5, 1.0), (3 / 4, 4 / 3))
-        q = {"crop": _boxes(g, n, side, side, scale, ratio, True)[:4]}
-        q["hflip"] = coin(0.5) if cyto or p == "simclr" or (convirt and self.hflip) else None
-        q["vflip"] = coin(0.5) if cyto else None
-        q["angle"] = _uniform(g, (n,), -10, 10) * coin(0.5) if xray else _uniform(g, (n,), -20, 20) if convirt else None
+        params = {"crop": _boxes(g, n, side, side, scale, ratio)[:4]}
+        params["hflip"] = coin(0.5) if cyto or p == "simclr" or (convirt and self.hflip) else None
+        params["vflip"] = coin(0.5) if cyto else None
+        params["angle"] = _uniform(g, (n,), -10, 10) * coin(0.5) if xray else _uniform(g, (n,), -20, 20) if convirt else None
         # RandomAffine's shift: whole pixels, up to 10 % of the side; its scale 0.95-1.05 (its angle turns
         # clockwise, `angle` here counter-clockwise as rotate's: the same symmetric draw)
-        q["shift"] = torch.round(_uniform(g, (n, 2), -0.1 * s, 0.1 * s)) if convirt else None
-        q["zoom"] = _uniform(g, (n,), 0.95, 1.05) if convirt else None
-        q["elastic"] = None
+        params["shift"] = torch.round(_uniform(g, (n, 2), -0.1 * s, 0.1 * s)) if convirt else None
+        params["zoom"] = _uniform(g, (n,), 0.95, 1.05) if convirt else None
+        params["elastic"] = None
         if p == "cytology-C":  # torchvision's ElasticTransform(alpha 20, sigma 6), p 0.7
             field = _blur(_rand(g, n, 2, s, s) * 2 - 1, torch.full((n,), 6.0, device=g.device), int(8 * 6.0 + 1) | 1)
-            q["elastic"] = field * 20.0 / s * _per(coin(0.7))
+            params["elastic"] = field * 20.0 / s * _per_image(coin(0.7))
         blur_p = {"xray": 0.3, "xray-chessboard": 0.3, "cytology-D": 0.5, "simclr": 0.5, "cytology-E": 0.5, "convirt": 1.0}.get(p)
         sigma = (0.1 * s / 224, 3.0 * s / 224) if convirt else (0.1, 2.0)  # ConVIRT's sigma is for 224 px
-        q["blur"] = (coin(blur_p), _uniform(g, (n,), *sigma)) if blur_p else None
+        params["blur"] = (coin(blur_p), _uniform(g, (n,), *sigma)) if blur_p else None
         amounts = {"xray": (self.jitter, self.jitter, 0, 0), "xray-chessboard": (self.jitter, self.jitter, 0, 0),
                    "cytology-B": (0.4, 0.4, 0.4, 0.1), "simclr": (0.8, 0.8, 0.8 * colour, 0.2 * colour),
                    "convirt": (0.4, 0.4, 0, 0)}.get(p)
-        q["jitter"] = None
+        params["jitter"] = None
         if amounts:
             factors = [_uniform(g, (n,), max(0, 1 - a), 1 + a) if a else None for a in amounts[:3]]
             factors.append(_uniform(g, (n,), -amounts[3], amounts[3]) if amounts[3] else None)
-            q["jitter"] = (coin(1.0 if xray or convirt else 0.8), factors, torch.argsort(_rand(g, n, 4), 1))
-        q["equalize"] = coin(0.3) if p == "cytology-B" else None
-        q["gray"] = coin(0.2) if p == "simclr" and colour else None
-        q["noise"] = (coin(0.5), _uniform(g, (n,), 0.05, 0.2), torch.randn((n, self.channels, s, s), generator=g, device=g.device)) \
+            params["jitter"] = (coin(1.0 if xray or convirt else 0.8), factors, torch.argsort(_rand(g, n, 4), 1))
+        params["equalize"] = coin(0.3) if p == "cytology-B" else None
+        params["gray"] = coin(0.2) if p == "simclr" and colour else None
+        params["noise"] = (coin(0.5), _uniform(g, (n,), 0.05, 0.2), torch.randn((n, self.channels, s, s), generator=g, device=g.device)) \
             if p == "cytology-D" else None
-        q["chessboard"] = (coin(0.3), torch.randint(2, 9, (n,), generator=g, device=g.device),
+        params["chessboard"] = (coin(0.3), torch.randint(2, 9, (n,), generator=g, device=g.device),
                            torch.randint(0, 2, (n,), generator=g, device=g.device)) if p == "xray-chessboard" else None
-        q["erase"] = (coin(0.3),) + _boxes(g, n, s, s, (0.02, 0.1), (0.3, 3.3), False) if xray else None
-        return q
+        params["erase"] = (coin(0.3),) + _boxes(g, n, s, s, (0.02, 0.1), (0.3, 3.3), erase=True) if xray else None
+        return params
 
-    def apply(self, x, q):
+    def apply(self, x, params):
         x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
         n, side, s = x.shape[0], x.shape[-1], self.size
         lin = (torch.arange(s, device=x.device, dtype=torch.float32) + 0.5) / s * 2 - 1  # output pixel centres
         u, v = lin[None, None, :].expand(n, s, s), lin[None, :, None].expand(n, s, s)
-        if q["elastic"] is not None:  # on the flipped crop, in its own coordinates (ElasticTransform after the crop)
-            u, v = u + q["elastic"][:, 0], v + q["elastic"][:, 1]
-        if q["shift"] is not None:  # the affine's inverse about the crop's centre: R^-1 (p - shift) / zoom
-            u, v = u - (2 * q["shift"][:, 0] / s).reshape(-1, 1, 1), v - (2 * q["shift"][:, 1] / s).reshape(-1, 1, 1)
-        if q["angle"] is not None:  # rotation of the crop about its centre
-            a = torch.deg2rad(q["angle"]).reshape(-1, 1, 1)
+        if params["elastic"] is not None:  # on the flipped crop, in its own coordinates (ElasticTransform after the crop)
+            u, v = u + params["elastic"][:, 0], v + params["elastic"][:, 1]
+        if params["shift"] is not None:  # the affine's inverse about the crop's centre: R^-1 (p - shift) / zoom
+            u, v = u - (2 * params["shift"][:, 0] / s).reshape(-1, 1, 1), v - (2 * params["shift"][:, 1] / s).reshape(-1, 1, 1)
+        if params["angle"] is not None:  # rotation of the crop about its centre
+            a = torch.deg2rad(params["angle"]).reshape(-1, 1, 1)
             u, v = torch.cos(a) * u - torch.sin(a) * v, torch.sin(a) * u + torch.cos(a) * v
-        if q["zoom"] is not None:
-            u, v = u / q["zoom"].reshape(-1, 1, 1), v / q["zoom"].reshape(-1, 1, 1)
+        if params["zoom"] is not None:
+            u, v = u / params["zoom"].reshape(-1, 1, 1), v / params["zoom"].reshape(-1, 1, 1)
         inside = (u.abs() <= 1) & (v.abs() <= 1)  # outside the crop: black, as rotate and elastic fill
-        if q["hflip"] is not None:
-            u = torch.where(q["hflip"].reshape(-1, 1, 1), -u, u)
-        if q["vflip"] is not None:
-            v = torch.where(q["vflip"].reshape(-1, 1, 1), -v, v)
-        top, left, h, w = (t.reshape(-1, 1, 1) for t in q["crop"])
+        if params["hflip"] is not None:
+            u = torch.where(params["hflip"].reshape(-1, 1, 1), -u, u)
+        if params["vflip"] is not None:
+            v = torch.where(params["vflip"].reshape(-1, 1, 1), -v, v)
+        top, left, h, w = (t.reshape(-1, 1, 1) for t in params["crop"])
         grid = torch.stack([(left + (u + 1) / 2 * w) / side * 2 - 1, (top + (v + 1) / 2 * h) / side * 2 - 1], -1)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False) * inside[:, None]
         where = x.device.type != "cpu" if self.where is None else self.where
         subset = lambda mask, fn, y: _subset(mask, fn, y, where)  # noqa: E731
-        blur = lambda y, i: _blur(y, q["blur"][1][i], self.blur_k)  # noqa: E731
+        blur = lambda y, i: _blur(y, params["blur"][1][i], self.blur_k)  # noqa: E731
         if self.preset in ("xray", "xray-chessboard", "cytology-D"):  # blur before the intensity operations
-            x = subset(q["blur"][0], blur, x)
-        if q["jitter"] is not None:
-            on, factors, order = q["jitter"]
+            x = subset(params["blur"][0], blur, x)
+        if params["jitter"] is not None:
+            on, factors, order = params["jitter"]
             x = subset(on, lambda y, i: jitter_images(y, [f if f is None else f[i] for f in factors], order[i], where), x)
-        if q["equalize"] is not None:
-            x = subset(q["equalize"], lambda y, i: T.functional.equalize(y), x)
-        if q["gray"] is not None:
-            x = subset(q["gray"], lambda y, i: _gray(y).expand_as(y), x)
+        if params["equalize"] is not None:
+            x = subset(params["equalize"], lambda y, i: T.functional.equalize(y), x)
+        if params["gray"] is not None:
+            x = subset(params["gray"], lambda y, i: _gray(y).expand_as(y), x)
         if self.preset in ("simclr", "convirt"):  # these blur after the colour operations
-            x = subset(q["blur"][0], blur, x)
+            x = subset(params["blur"][0], blur, x)
         if self.preset == "cytology-E":  # blur or sharpen
-            x = subset(~q["blur"][0], lambda y, i: T.functional.adjust_sharpness(y, 3.0), subset(q["blur"][0], blur, x))
-        if q["noise"] is not None:
-            on, sigma, z = q["noise"]
-            x = subset(on, lambda y, i: (y * (1 + _per(sigma[i]) * z[i])).clamp(0, 1), x)
+            x = subset(~params["blur"][0], lambda y, i: T.functional.adjust_sharpness(y, 3.0), subset(params["blur"][0], blur, x))
+        if params["noise"] is not None:
+            on, sigma, z = params["noise"]
+            x = subset(on, lambda y, i: (y * (1 + _per_image(sigma[i]) * z[i])).clamp(0, 1), x)
         r = torch.arange(s, device=x.device).reshape(1, 1, -1, 1)
         c = torch.arange(s, device=x.device).reshape(1, 1, 1, -1)
-        if q["chessboard"] is not None:
-            on, cells, phase = (t.reshape(-1, 1, 1, 1) for t in q["chessboard"])
+        if params["chessboard"] is not None:
+            on, cells, phase = (t.reshape(-1, 1, 1, 1) for t in params["chessboard"])
             x = x.masked_fill(on & ((r * cells // s + c * cells // s + phase) % 2 == 0), 0.0)
-        if q["erase"] is not None:
-            on, top, left, h, w, found = (t.reshape(-1, 1, 1, 1) for t in q["erase"])
+        if params["erase"] is not None:
+            on, top, left, h, w, found = (t.reshape(-1, 1, 1, 1) for t in params["erase"])
             box = (r >= top) & (r < top + h) & (c >= left) & (c < left + w)
             x = x.masked_fill(box & on & found, 0.0)
         x = ToRGBNormalized()(x)
@@ -1395,12 +1398,12 @@ class Run:
         of (seed, epoch); a run resumed inside an epoch takes the checkpoint's random states instead."""
         for epoch in range(self.epoch, self.args.epochs):
             self.epoch, s = epoch, self.state
-            self.views = epoch_generator(self.device, self.args.seed, epoch, self.rank)
+            self.rng = epoch_generator(self.device, self.args.seed, epoch, self.rank)
             if s is not None and not self.epoch_done and s["epoch"] == epoch:
                 torch.set_rng_state(s["rng"]["torch"])
                 if self.cuda and "cuda" in s["rng"]:
                     torch.cuda.set_rng_state(s["rng"]["cuda"])
-                self.views.set_state(s["rng"]["views"])
+                self.rng.set_state(s["rng"]["views"])
                 self.loss_sum = s["loss_sum"].to(self.device)
             else:
                 torch.manual_seed(self.args.seed * 100003 + epoch)  # a prime stride: no two (seed, epoch) share one
@@ -1408,7 +1411,7 @@ class Run:
             self.epoch_done = False
             self.sampler.set_epoch(epoch)
             self.sampler.skip = self.epoch_step * self.local_batch
-            yield epoch, self.views
+            yield epoch, self.rng
             if self.stopped:
                 return
 
@@ -1486,7 +1489,7 @@ class Run:
         """The checkpoint, written atomically by rank 0: the entries, the run's place, the random states."""
         self.check_finite()
         if self.master:
-            rng = {"torch": torch.get_rng_state(), "views": self.views.get_state(),
+            rng = {"torch": torch.get_rng_state(), "views": self.rng.get_state(),
                    **({"cuda": torch.cuda.get_rng_state()} if self.cuda else {})}
             state = {k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in self.entries.items()}
             state.update(epoch=self.epoch, step=self.step, epoch_step=self.epoch_step, epoch_done=self.epoch_done,

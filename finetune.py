@@ -501,14 +501,7 @@ def fit_linear(kind, ftr, ytr, mtr, fva, yva, mva, seed, head):
             M = torch.as_tensor(mtr if mtr is not None else np.ones((len(xtr), max(k, 1))), dtype=torch.float32)
             for _ in range(300):
                 opt.zero_grad()
-                out = lin(X)
-                if kind == "multiclass":
-                    loss = F.cross_entropy(out, Y.long())
-                else:
-                    tgt = Y.float().view_as(out)
-                    loss = (F.binary_cross_entropy_with_logits(out, tgt, reduction="none")
-                            * M.view_as(out)).sum() / M.sum()
-                loss.backward()
+                task_loss(lin(X), Y, M, kind).backward()
                 opt.step()
             score = _score_torch(lin, kind)
             auc = metrics(kind, yva, score(xva), mask=mva)["auc"] or 0
@@ -535,14 +528,26 @@ def fit_linear(kind, ftr, ytr, mtr, fva, yva, mva, seed, head):
     return score, _fold(lin, scaler)
 
 
+def task_loss(out, y, m, kind):
+    """Cross-entropy (multi-class), or binary cross-entropy masked where a label is left out (mask 0)."""
+    if kind == "multiclass":
+        return F.cross_entropy(out, y.long())
+    bce = F.binary_cross_entropy_with_logits(out, y.float().view_as(out), reduction="none")
+    return (bce * m.view_as(out)).sum() / m.sum().clamp(min=1)
+
+
+def probabilities(out, kind):
+    """Logits -> scores: softmax over classes, else sigmoid (one column for a binary task)."""
+    if kind == "multiclass":
+        return out.softmax(1).numpy()
+    out = out.sigmoid().numpy()
+    return out[:, 0] if kind == "binary" else out
+
+
 def _score_torch(lin, kind):
     def score(x):
         with torch.no_grad():
-            out = lin(torch.as_tensor(x, dtype=torch.float32))
-        if kind == "multiclass":
-            return out.softmax(1).numpy()
-        out = out.sigmoid().numpy()
-        return out[:, 0] if kind == "binary" else out
+            return probabilities(lin(torch.as_tensor(x, dtype=torch.float32)), kind)
     return score
 
 
@@ -577,12 +582,7 @@ def finetune(encoder, dim, kind, n_out, train_ds, val_loader, yva, mva, args, de
         for x, (y, m) in loader:
             x, y, m = to_device(x, device), y.to(device), m.to(device)
             with amp:
-                out = model(x).float()
-            if kind == "multiclass":
-                loss = F.cross_entropy(out, y.long())
-            else:
-                bce = F.binary_cross_entropy_with_logits(out, y.float().view_as(out), reduction="none")
-                loss = (bce * m.view_as(out)).sum() / m.sum().clamp(min=1)
+                loss = task_loss(model(x).float(), y, m, kind)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -603,11 +603,7 @@ def finetune(encoder, dim, kind, n_out, train_ds, val_loader, yva, mva, args, de
 def predict(model, loader, kind, device, amp):
     model.eval()
     with torch.no_grad(), amp:
-        out = torch.cat([model(to_device(x, device)).float().cpu() for x, _ in loader])
-    if kind == "multiclass":
-        return out.softmax(1).numpy()
-    out = out.sigmoid().numpy()
-    return out[:, 0] if kind == "binary" else out
+        return probabilities(torch.cat([model(to_device(x, device)).float().cpu() for x, _ in loader]), kind)
 
 
 def source_id(path):
@@ -617,9 +613,7 @@ def source_id(path):
 
 
 def atomic_json(obj, path):
-    tmp = f"{path}.tmp"
-    Path(tmp).write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    data.atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def main(argv=None):

@@ -188,19 +188,19 @@ def main(argv=None):
                    scheduler=scheduler)
     if args.compile:
         model.encoder.compile()  # in place: the state dict keeps torchvision's key names
-    ddp_model = run.distribute(model)
+    train_model = run.distribute(model)  # DDP over the model under torchrun, else the model
     knn = data.KNNMonitor(args, run) if args.eval_data and args.knn_every and run.master else None
     run.start(f"simclr: {len(dataset)} images, {args.arch}, aug {args.aug}, optimizer {args.optimizer}")
     if knn and run.step == 0:
         knn(model.encoder, -1)  # the same encoder before any training: the baseline pretraining must beat
 
-    for epoch, views in run.epochs():
+    for epoch, rng in run.epochs():  # rng: this epoch's augmentation draws (a torch.Generator)
         for x, _ in run.batches(loader):
             # ALGORITHM: two views, one encoder, NT-Xent over the global batch
             x = x.to(run.device, non_blocking=True)
-            x1, x2 = augment(x, views), augment(x, views)
+            x1, x2 = augment(x, rng), augment(x, rng)
             with run.amp:
-                z1, z2 = ddp_model(x1, x2)
+                z1, z2 = train_model(x1, x2)
             # the gather's backward sums each rank's share and DDP averages: one process's gradient on that batch
             z1_all, z2_all = gather(z1, run.world), gather(z2, run.world)
             loss = nt_xent(z1, z2, args.temperature, z1_all, z2_all, run.rank * z1.shape[0])
@@ -222,5 +222,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, data.BadImageError) as e:  # bad input: the message, not a traceback
+    except (ValueError, FileNotFoundError, ImportError, data.BadImageError) as e:  # the message, not a traceback
         raise SystemExit(f"simclr.py: {e}") from None

@@ -13,7 +13,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 import data
-import demo
+import demo as demo_py
 from conftest import ROOT, run_script
 
 
@@ -114,7 +114,7 @@ def test_demo_dicom_round_trip_through_window_and_monochrome1(tmp_path):
     for pi in ("MONOCHROME1", "MONOCHROME2"):
         for rle in (False, True):
             p = tmp_path / f"{pi}{rle}.dcm"
-            demo.write_dicom(p, img, np.random.default_rng(1), pi, bits=12, rle=rle)
+            demo_py.write_dicom(p, img, np.random.default_rng(1), pi, bits=12, rle=rle)
             ds = pydicom.dcmread(p)
             assert ds.PhotometricInterpretation == pi
             assert ds.file_meta.TransferSyntaxUID == (pydicom.uid.RLELossless if rle else pydicom.uid.ExplicitVRLittleEndian)
@@ -472,11 +472,16 @@ def test_clahe_needs_scikit_image_or_keeps_the_dtype():
     except ImportError:
         with pytest.raises(ImportError, match="scikit-image"):
             data.CLAHE()
-    else:
-        x = torch.rand(1, 20, 20)
-        y8, yf = data.CLAHE()((x * 255).round().to(torch.uint8)), data.CLAHE()(x)
-        assert y8.dtype == torch.uint8 and yf.dtype == torch.float32 and y8.shape == yf.shape == (1, 20, 20)
-        assert (y8.float() / 255 - yf).abs().max() < 0.02
+    else:  # an image-like input (CLAHE amplifies the uint8 rounding of pixel noise, so not noise)
+        r, c = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing="ij")
+        x = (0.45 + 0.3 * torch.exp(-((r - 0.2) ** 2 + (c + 0.3) ** 2) / 0.1) - 0.2 * (r ** 2 + c ** 2) / 2)[None]
+        x8 = (x * 255).round().to(torch.uint8)
+        y8, yf, yq = data.CLAHE()(x8), data.CLAHE()(x), data.CLAHE()(x8.float() / 255)
+        assert y8.dtype == torch.uint8 and yf.dtype == torch.float32 and y8.shape == yf.shape == (1, 64, 64)
+        # the two paths on the same pixels (what the uint8 cache and a float read hold) differ only by the output's
+        # rounding to uint8; CLAHE itself is not continuous in its input (an unquantised x gives other bins)
+        assert (y8.float() / 255 - yq).abs().max() <= 1 / 255
+        assert (yf - x).abs().mean() > 0.01 and (yq - x8.float() / 255).abs().mean() > 0.01  # it did equalise
 
 
 # ------------------------------------------------------------------------- demo data
@@ -493,8 +498,8 @@ def test_demo_layout_and_determinism(demo, tmp_path):
     assert rows > len(rsna) and 0 < sum(rsna.values()) < len(rsna)  # multi-box rows exist
     # same seed, same bytes of pixels; the small version is quick
     a, b = tmp_path / "a", tmp_path / "b"
-    demo.make_demo(a, size=32, n_xray=4, n_xray_test=2, n_rsna=4, n_cells=1, quiet=True)
-    demo.make_demo(b, size=32, n_xray=4, n_xray_test=2, n_rsna=4, n_cells=1, quiet=True)
+    demo_py.make_demo(a, size=32, n_xray=4, n_xray_test=2, n_rsna=4, n_cells=1, quiet=True)
+    demo_py.make_demo(b, size=32, n_xray=4, n_xray_test=2, n_rsna=4, n_cells=1, quiet=True)
     pa, pb = sorted(a.rglob("*.dcm")), sorted(b.rglob("*.dcm"))
     assert [p.relative_to(a) for p in pa] == [p.relative_to(b) for p in pb]
     assert all(np.array_equal(data.load_dicom(x), data.load_dicom(y)) for x, y in zip(pa, pb))
@@ -559,8 +564,8 @@ def test_csv_pairs_report_cells(tmp_path):
 def test_pairs_demo_any_number_of_processes(tmp_path):
     # each study on its own random stream: one process or two write the same images and reports
     one, two = tmp_path / "one", tmp_path / "two"
-    s = demo.make_pairs_demo(one, 12, size=32, workers=1, quiet=True)
-    demo.make_pairs_demo(two, 12, size=32, workers=2, quiet=True)
+    s = demo_py.make_pairs_demo(one, 12, size=32, workers=1, quiet=True)
+    demo_py.make_pairs_demo(two, 12, size=32, workers=2, quiet=True)
     pa, pb = sorted(one.rglob("*.dcm")), sorted(two.rglob("*.dcm"))
     assert len(pa) == 12 and [p.relative_to(one) for p in pa] == [p.relative_to(two) for p in pb]
     assert all(np.array_equal(data.load_dicom(x), data.load_dicom(y)) for x, y in zip(pa, pb))
@@ -622,7 +627,9 @@ def test_batch_augment_crop_and_flips_agree_with_torchvision_per_image():
     q = aug.sample(torch.Generator().manual_seed(1), n, side)
     y = aug.apply(x, q)[:, :1] * data.IMAGENET_STD[0] + data.IMAGENET_MEAN[0]  # gray, before its copy to 3 channels
     top, left, h, w = (t.int().tolist() for t in q["crop"])
-    assert all(0.5 * side**2 - 1 <= hh * ww <= side**2 and 3 / 4 - 0.05 <= ww / hh <= 4 / 3 + 0.05 for hh, ww in zip(h, w))
+    # h and w are each rounded from sqrt(area / r) and sqrt(area * r): the bounds hold within half a pixel, any seed
+    assert all((hh + 0.5) * (ww + 0.5) >= 0.5 * side**2 and hh * ww <= side**2
+               and (ww - 0.5) / (hh + 0.5) <= 4 / 3 and (ww + 0.5) / (hh - 0.5) >= 3 / 4 for hh, ww in zip(h, w))
     for i in range(n):
         ref = TF.resized_crop(x[i], top[i], left[i], h[i], w[i], [size, size], antialias=False)
         ref = TF.vertical_flip(ref) if q["vflip"][i] else ref
@@ -693,6 +700,39 @@ def test_batch_augment_affine_agrees_with_torchvision_and_options_are_opt_in():
     assert ((2 <= cells) & (cells <= 8)).all() and set(phase.tolist()) <= {0, 1}
     with pytest.raises(ValueError, match="unknown augmentation preset"):
         data.BatchAugment("cutmix", s)
+
+
+@pytest.mark.parametrize("preset", ["xray", "convirt"])
+def test_batch_augment_composed_geometry_agrees_with_torchvision(preset):
+    # crop, flip and rotation (xray) or ConVIRT's affine, composed into one grid_sample, against torchvision's
+    # resized_crop, horizontal_flip and rotate / affine one after the other with the same parameters. Two
+    # bilinear resamplings are not one, so the image is smooth and the tolerance is that of interpolation.
+    import torchvision.transforms.v2.functional as TF
+
+    n, side, size = 6, 80, 64
+    r, c = torch.meshgrid(torch.linspace(0, 1, side), torch.linspace(0, 1, side), indexing="ij")
+    x = (0.5 + 0.25 * torch.sin(6 * r + 2 * c) + 0.2 * torch.cos(5 * c - 3 * r)).expand(n, 1, side, side).clone()
+    aug = data.BatchAugment(preset, size, 1)
+    q = aug.sample(torch.Generator().manual_seed(4), n, side)
+    off = torch.zeros(n, dtype=torch.bool)
+    q["blur"], q["jitter"] = (off, q["blur"][1]), (off,) + q["jitter"][1:]
+    if preset == "xray":
+        q["erase"] = (off,) + q["erase"][1:]
+        q["angle"] = torch.tensor([7.0, -9.0, 3.0, 0.0, 10.0, -4.0])
+    q["hflip"] = torch.tensor([True, False, True, True, False, True])
+    got = aug.apply(x, q)[:, :1] * data.IMAGENET_STD[0] + data.IMAGENET_MEAN[0]
+    top, left, h, w = (t.int().tolist() for t in q["crop"])
+    for i in range(n):
+        ref = TF.resized_crop(x[i], top[i], left[i], h[i], w[i], [size, size], antialias=False)
+        ref = TF.horizontal_flip(ref) if q["hflip"][i] else ref
+        if preset == "xray":
+            ref = TF.rotate(ref, float(q["angle"][i]), interpolation=TF.InterpolationMode.BILINEAR)
+        else:  # torchvision's affine turns clockwise, `angle` counter-clockwise
+            ref = TF.affine(ref, angle=-float(q["angle"][i]), translate=q["shift"][i].int().tolist(),
+                            scale=float(q["zoom"][i]), shear=[0.0, 0.0], interpolation=TF.InterpolationMode.BILINEAR)
+        inner = (slice(None), slice(14, -14), slice(14, -14))  # away from the rotated crop's black corners
+        assert (got[i][inner] - ref[inner]).abs().max() < 0.03, (preset, i)
+        assert (got[i][inner] - ref[inner]).abs().mean() < 0.005, (preset, i)
 
 
 def test_chessboard_hides_alternate_cells():

@@ -292,3 +292,19 @@ def test_byol_and_barlow_with_lars(script, extra, tmp_path, demo):
     steps = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
     assert json.loads((out / "args.json").read_text())["optimizer"] == "lars"
+
+
+def test_clahe_flag_runs_with_scikit_image_or_says_what_to_install(tmp_path, demo):
+    try:
+        import skimage  # noqa: F401
+    except ImportError:
+        has = False
+    else:
+        has = True
+    p = run_script("simclr.py", *SMALL, "--clahe", "--proj-hidden", "32", "--epochs", "1", "--max-steps", "1",
+                   "--knn-every", "0", "--cache-dir", "", "--out", tmp_path / "c", check=False)
+    if has:
+        assert p.returncode == 0 and len([r for r in map(json.loads, (tmp_path / "c" / "log.jsonl").read_text()
+                                                          .splitlines()) if "loss" in r]) == 1
+    else:
+        assert p.returncode != 0 and "pip install scikit-image" in p.stderr and "Traceback" not in p.stderr
