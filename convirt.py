@@ -508,7 +508,7 @@ def main(argv=None):
         pick.epoch.fill_(epoch)  # the workers' sentence draw is a function of (seed, epoch, study)
         for x, ids, mask in run.batches(loader):
             # ALGORITHM: both towers, the global batch, one of the two losses
-            x = augment(x.to(run.device, non_blocking=True), views)
+            x = augment(x.to(run.device, non_blocking=True), rng)
             ids, mask = ids.to(run.device, non_blocking=True), mask.to(run.device, non_blocking=True)
             with run.amp:
                 u, v = train_model(x, ids, mask)

@@ -171,3 +171,14 @@ def test_every_flag_the_readme_names_is_in_that_scripts_help():
     assert len(named) > 40
     missing = [(f, line) for owners, f, line in named if not any(re.search(rf"{f}\b(?!-)", helps[o]) for o in owners)]
     assert not missing, missing
+
+
+def test_resumable_sampler_starts_inside_the_epoch_without_the_batches_done():
+    ds = list(range(50))
+    full = data.ResumableSampler(ds, 2, 1, shuffle=True, seed=3, drop_last=True)
+    full.set_epoch(4)
+    order = list(full)
+    cut = data.ResumableSampler(ds, 2, 1, shuffle=True, seed=3, drop_last=True)
+    cut.set_epoch(4)
+    cut.skip = 10
+    assert list(cut) == order[10:] and len(cut) == len(order) - 10 == 15
