@@ -3,6 +3,7 @@ checkpoint from elsewhere, resume from a checkpoint written before resume inside
 ConVIRT's temperature at the batch sizes users run, the sizes we hold, and one script copied alone."""
 import ast
 import json
+import math
 import re
 import shutil
 
@@ -87,28 +88,37 @@ def test_save_every_and_sigint(tmp_path, demo):
     assert set(ck["rng"]) >= {"torch", "views"} and ck["loss_sum"].shape == ()
 
 
-def test_convirt_temperature_trains_at_batch_256(tmp_path, demo):
+def test_convirt_temperature_trains_at_batch_256(tmp_path, demo, monkeypatch):
     # At N = 256 the heuristic's floor 2 log(255) = 11.08 is above --t-init 10. Bounded inside the graph
-    # (t = exp(t').clamp(min=floor)), t' got no gradient and t never moved; bounded on the parameter after
-    # the step, t starts at the floor and trains. The logged t is the one the step's loss used.
-    paths, reports, _ = data.demo_pairs(split="train")
-    rows = [(paths[i % len(paths)], reports[i % len(paths)]) for i in range(256)]
-    with open(tmp_path / "pairs.csv", "w") as f:
-        import csv
+    # (t = exp(t').clamp(min=floor)), t' got a gradient of exactly 0 and never trained; bounded on the
+    # parameter after the step, t starts at the floor, t' gets its gradient, and the bound holds t there
+    # while that gradient points down (on these pairs it does in the first steps: dL/dt' ~ +0.03).
+    import csv
 
+    import convirt
+
+    paths, reports, _ = data.demo_pairs(split="train")
+    with open(tmp_path / "pairs.csv", "w") as f:
         w = csv.writer(f)
         w.writerow(["path", "report"])
-        w.writerows(rows)
+        w.writerows((paths[i % len(paths)], reports[i % len(paths)]) for i in range(256))
+    grads, real = [], torch.optim.AdamW.step
+
+    def step(self, *a, **k):  # the scripts' optimiser: the third group holds t' and b (no weight decay)
+        grads.append(float(self.param_groups[2]["params"][0].grad))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
     out = tmp_path / "t"
-    run_script("convirt.py", "--data", tmp_path / "pairs.csv", "--arch", "resnet18", "--size", "32", "--batch-size",
-               "256", "--workers", "0", "--log-every", "1", "--epochs", "3", "--eval-every", "0", "--proj-dim", "32",
-               "--out", out)
+    convirt.main(["--data", str(tmp_path / "pairs.csv"), "--arch", "resnet18", "--size", "32", "--batch-size", "256",
+                  "--workers", "0", "--log-every", "1", "--epochs", "2", "--eval-every", "0", "--proj-dim", "32",
+                  "--out", str(out)])
+    floor = 2 * math.log(255)
+    assert len(grads) == 2 and all(g != 0 for g in grads)  # t' trains from step 1
     ts = [r["t"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "t" in r]
-    floor = 2 * torch.log(torch.tensor(255.0)).item()
-    assert len(ts) == 3 and ts[0] == pytest.approx(floor, rel=1e-5)
-    assert ts[2] > ts[0] + 1e-4  # it moved, and upwards: the floor holds
-    ck = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert ck["model"]["t_prime"].exp().item() >= floor - 1e-4
+    assert ts[0] == pytest.approx(floor, rel=1e-6)  # the logged t is the one step 1's loss used
+    t_prime = torch.load(out / "checkpoint.pt", weights_only=True)["model"]["t_prime"]
+    assert math.exp(float(t_prime)) >= floor * (1 - 1e-6) and all(t >= floor * (1 - 1e-6) for t in ts)
 
 
 # ---------------------------------------------------------------------------------- sizes and a copied script
