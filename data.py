@@ -141,7 +141,8 @@ def _dicom_to_display(ds, arr, path):
         # No VOI: the full range the stored bits can hold, passed through the modality LUT.
         # (Not the image's own min/max: that would make intensity depend on content.)
         bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
-        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if int(ds.get("PixelRepresentation", 0)) else (0, 2 ** bits - 1)
+        signed = int(ds.get("PixelRepresentation", 0))
+        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
         slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
         if "ModalityLUTSequence" in ds:
             lo, hi = float(x.min()), float(x.max())
@@ -608,7 +609,8 @@ def read_label_csv(csv_path, path_col="path", label_col="label", root=None):
     if len(cols) > 1:
         return paths, np.asarray([[float(r[c] or 0) for c in cols] for r in rows], np.float32), cols
     values = [r[label_col].strip() for r in rows]
-    names = sorted(set(values), key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
+    number = lambda v: v.lstrip("-").isdigit()  # noqa: E731  (integers first, in order, then names)
+    names = sorted(set(values), key=lambda v: (not number(v), int(v) if number(v) else 0, v))
     return paths, np.asarray([names.index(v) for v in values], np.int64), names
 
 
@@ -772,7 +774,8 @@ class DecodeCache:
                 keys.append(self.key(p))
         with file_lock(self.dir / "lock"):
             index = self._load_index()
-            todo = sorted({(k, p) for k, p in zip(keys, paths) if k and k not in index["slots"] and k not in index["bad"]})
+            known = index["slots"].keys() | index["bad"].keys()
+            todo = sorted({(k, p) for k, p in zip(keys, paths) if k and k not in known})
             self.misses, self.hits = len(todo), len(paths) - len(todo)
             if todo:
                 jobs = [(p, self.size, self.channels) for _, p in todo]
@@ -785,7 +788,8 @@ class DecodeCache:
                     results = pool.imap(_decode_one, jobs, chunksize=8)
                 else:
                     pool, results = None, map(_decode_one, jobs)
-                nslots = self.data_path.stat().st_size // (self.dtype.itemsize * int(np.prod(self.shape))) if self.data_path.is_file() else 0
+                slot_bytes = self.dtype.itemsize * int(np.prod(self.shape))
+                nslots = self.data_path.stat().st_size // slot_bytes if self.data_path.is_file() else 0
                 bar = tqdm(total=len(jobs), desc="decoding into cache", disable=not progress, leave=False)
                 try:
                     with open(self.data_path, "ab") as out:
@@ -871,7 +875,8 @@ class ImageDataset(torch.utils.data.Dataset):
             self.skipped = bad
             self.index = np.asarray([i for i, s in enumerate(self.slots) if s >= 0], np.int64)
             if len(self.index) == 0:
-                raise ValueError(f"none of the {len(self.paths)} images could be read; first error: {next(iter(bad.values()))}")
+                raise ValueError(f"none of the {len(self.paths)} images could be read; first error: "
+                                 f"{next(iter(bad.values()))}")
 
     def __len__(self):
         return len(self.index)
@@ -898,7 +903,8 @@ class ImageDataset(torch.utils.data.Dataset):
                     print(f"skipping unreadable file: {e}", file=sys.stderr)
                 i = (i + 1) % len(self)
         else:
-            raise BadImageError(f"none of the {len(self)} images could be read; first error: {next(iter(self.skipped.values()))}")
+            raise BadImageError(f"none of the {len(self)} images could be read; first error: "
+                                f"{next(iter(self.skipped.values()))}")
         j = int(self.index[i])
         t = self.targets[j] if self.targets is not None else j
         if self.target_transform is not None:
@@ -1112,11 +1118,13 @@ class BatchAugment:
         p, s = self.preset, self.size
         xray, cyto, colour, convirt = p.startswith("xray"), p.startswith("cytology"), self.channels == 3, p == "convirt"
         coin = lambda prob: _rand(g, n) < prob  # noqa: E731
-        scale, ratio = ((0.6, 1.0), (0.85, 1.15)) if xray else ((0.08 if p == "simclr" else 0.6 if convirt else 0.5, 1.0), (3 / 4, 4 / 3))
+        scale = (0.6 if xray or convirt else 0.08 if p == "simclr" else 0.5, 1.0)
+        ratio = (0.85, 1.15) if xray else (3 / 4, 4 / 3)
         params = {"crop": _boxes(g, n, side, side, scale, ratio)[:4]}
         params["hflip"] = coin(0.5) if cyto or p == "simclr" or (convirt and self.hflip) else None
         params["vflip"] = coin(0.5) if cyto else None
-        params["angle"] = _uniform(g, (n,), -10, 10) * coin(0.5) if xray else _uniform(g, (n,), -20, 20) if convirt else None
+        params["angle"] = (_uniform(g, (n,), -10, 10) * coin(0.5) if xray
+                           else _uniform(g, (n,), -20, 20) if convirt else None)
         # RandomAffine's shift: whole pixels, up to 10 % of the side; its scale 0.95-1.05 (its angle turns
         # clockwise, `angle` here counter-clockwise as rotate's: the same symmetric draw)
         params["shift"] = torch.round(_uniform(g, (n, 2), -0.1 * s, 0.1 * s)) if convirt else None
@@ -1125,7 +1133,8 @@ class BatchAugment:
         if p == "cytology-C":  # torchvision's ElasticTransform(alpha 20, sigma 6), p 0.7
             field = _blur(_rand(g, n, 2, s, s) * 2 - 1, torch.full((n,), 6.0, device=g.device), int(8 * 6.0 + 1) | 1)
             params["elastic"] = field * 20.0 / s * _per_image(coin(0.7))
-        blur_p = {"xray": 0.3, "xray-chessboard": 0.3, "cytology-D": 0.5, "simclr": 0.5, "cytology-E": 0.5, "convirt": 1.0}.get(p)
+        blur_p = {"xray": 0.3, "xray-chessboard": 0.3, "cytology-D": 0.5, "simclr": 0.5, "cytology-E": 0.5,
+                  "convirt": 1.0}.get(p)
         sigma = (0.1 * s / 224, 3.0 * s / 224) if convirt else (0.1, 2.0)  # ConVIRT's sigma is for 224 px
         params["blur"] = (coin(blur_p), _uniform(g, (n,), *sigma)) if blur_p else None
         amounts = {"xray": (self.jitter, self.jitter, 0, 0), "xray-chessboard": (self.jitter, self.jitter, 0, 0),
@@ -1138,7 +1147,8 @@ class BatchAugment:
             params["jitter"] = (coin(1.0 if xray or convirt else 0.8), factors, torch.argsort(_rand(g, n, 4), 1))
         params["equalize"] = coin(0.3) if p == "cytology-B" else None
         params["gray"] = coin(0.2) if p == "simclr" and colour else None
-        params["noise"] = (coin(0.5), _uniform(g, (n,), 0.05, 0.2), torch.randn((n, self.channels, s, s), generator=g, device=g.device)) \
+        params["noise"] = (coin(0.5), _uniform(g, (n,), 0.05, 0.2),
+                           torch.randn((n, self.channels, s, s), generator=g, device=g.device)) \
             if p == "cytology-D" else None
         params["chessboard"] = (coin(0.3), torch.randint(2, 9, (n,), generator=g, device=g.device),
                            torch.randint(0, 2, (n,), generator=g, device=g.device)) if p == "xray-chessboard" else None
@@ -1150,10 +1160,11 @@ class BatchAugment:
         n, side, s = x.shape[0], x.shape[-1], self.size
         lin = (torch.arange(s, device=x.device, dtype=torch.float32) + 0.5) / s * 2 - 1  # output pixel centres
         u, v = lin[None, None, :].expand(n, s, s), lin[None, :, None].expand(n, s, s)
-        if params["elastic"] is not None:  # on the flipped crop, in its own coordinates (ElasticTransform after the crop)
+        if params["elastic"] is not None:  # on the flipped crop, in its coordinates (ElasticTransform after the crop)
             u, v = u + params["elastic"][:, 0], v + params["elastic"][:, 1]
         if params["shift"] is not None:  # the affine's inverse about the crop's centre: R^-1 (p - shift) / zoom
-            u, v = u - (2 * params["shift"][:, 0] / s).reshape(-1, 1, 1), v - (2 * params["shift"][:, 1] / s).reshape(-1, 1, 1)
+            shift = (2 * params["shift"] / s).reshape(-1, 2, 1, 1)
+            u, v = u - shift[:, 0], v - shift[:, 1]
         if params["angle"] is not None:  # rotation of the crop about its centre
             a = torch.deg2rad(params["angle"]).reshape(-1, 1, 1)
             u, v = torch.cos(a) * u - torch.sin(a) * v, torch.sin(a) * u + torch.cos(a) * v
@@ -1174,7 +1185,8 @@ class BatchAugment:
             x = subset(params["blur"][0], blur, x)
         if params["jitter"] is not None:
             on, factors, order = params["jitter"]
-            x = subset(on, lambda y, i: jitter_images(y, [f if f is None else f[i] for f in factors], order[i], where), x)
+            pick = lambda i: [None if f is None else f[i] for f in factors]  # noqa: E731  (this subset's factors)
+            x = subset(on, lambda y, i: jitter_images(y, pick(i), order[i], where), x)
         if params["equalize"] is not None:
             x = subset(params["equalize"], lambda y, i: T.functional.equalize(y), x)
         if params["gray"] is not None:
@@ -1182,7 +1194,8 @@ class BatchAugment:
         if self.preset in ("simclr", "convirt"):  # these blur after the colour operations
             x = subset(params["blur"][0], blur, x)
         if self.preset == "cytology-E":  # blur or sharpen
-            x = subset(~params["blur"][0], lambda y, i: T.functional.adjust_sharpness(y, 3.0), subset(params["blur"][0], blur, x))
+            x = subset(params["blur"][0], blur, x)
+            x = subset(~params["blur"][0], lambda y, i: T.functional.adjust_sharpness(y, 3.0), x)
         if params["noise"] is not None:
             on, sigma, z = params["noise"]
             x = subset(on, lambda y, i: (y * (1 + _per_image(sigma[i]) * z[i])).clamp(0, 1), x)
@@ -1319,7 +1332,8 @@ class Run:
         self.out = Path(a.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.ckpt_path = self.out / "checkpoint.pt"
         if self.ckpt_path.exists() and not a.resume:
-            raise SystemExit(f"{self.out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
+            raise SystemExit(f"{self.out} already holds a checkpoint: pass --resume to continue it, or choose "
+                             "another --out")
         if a.resume and not self.ckpt_path.exists():
             raise SystemExit(f"--resume: no checkpoint at {self.ckpt_path}")
         self.state = load_checkpoint(self.ckpt_path) if a.resume else None  # what the script rebuilds from
@@ -1355,7 +1369,7 @@ class Run:
             raise SystemExit(f"only {len(dataset)} " + (f"readable {what} of {len(dataset) + bad} ({bad} unreadable, "
                              "skipped)" if bad else what) + f", fewer than --batch-size {self.args.batch_size}")
         self.dataset = dataset
-        self.sampler = ResumableSampler(dataset, self.world, self.rank, shuffle=True, seed=self.args.seed, drop_last=True)
+        self.sampler = ResumableSampler(dataset, self.world, self.rank, seed=self.args.seed, drop_last=True)
         return torch.utils.data.DataLoader(dataset, self.local_batch, sampler=self.sampler, drop_last=True,
                                            num_workers=self.args.workers, collate_fn=collate_fn, pin_memory=self.cuda,
                                            persistent_workers=self.args.workers > 0,
@@ -1529,7 +1543,8 @@ class KNNMonitor:
         if args.eval_data == "demo":
             paths, labels, _, ids = demo_labelled("cytology" if args.demo == "cytology" else "rsna", without_test=True)
         else:
-            paths, labels, _ = (read_label_csv if args.eval_data.endswith(".csv") else read_class_folders)(args.eval_data)
+            read = read_label_csv if args.eval_data.endswith(".csv") else read_class_folders
+            paths, labels, _ = read(args.eval_data)
             ids = paths
         ds = ImageDataset(paths, None, eval_transform(args.size), size=args.size, channels=args.channels,
                           cache_dir=args.cache_dir or None, skip_bad=args.skip_bad)
@@ -1621,7 +1636,8 @@ def demo_labelled(task, size=128, without_test=False):
         paths = [str(root / "rsna" / "stage_2_train_images" / f"{i}.dcm") for i in ids]
         out = paths, np.asarray([labels[i] for i in ids], np.int64), ["no pneumonia", "pneumonia"], ids
     elif task in ("cytology", "cytology-2class"):
-        paths, labels, names = read_class_folders(root / "cytology", "herlev-2class" if task.endswith("2class") else None)
+        grouping = "herlev-2class" if task.endswith("2class") else None
+        paths, labels, names = read_class_folders(root / "cytology", grouping)
         out = paths, labels, names, paths
     else:
         raise ValueError(f"unknown demo task {task!r}: choose rsna, cytology or cytology-2class")
