@@ -1433,7 +1433,7 @@ class Run:
         """The epoch's batches; after each step, the checkpoint when one is due, and the stop."""
         a, skipped = self.args, self.epoch_step
         self.bar, self.t0 = tqdm(loader, desc=f"epoch {self.epoch}", disable=not self.master, leave=False), time.time()
-        for batch in self.bar:
+        for self.seen, batch in enumerate(self.bar, 1):  # seen: steps of this call (img/s after a resume too)
             self.step, self.epoch_step = self.step + 1, self.epoch_step + 1
             yield batch
             stop = self.signal is not None
@@ -1469,7 +1469,7 @@ class Run:
     def log(self, **metrics):
         """One JSON line (step, epoch, the loss averaged over ranks, metrics, images/s); the NaN guard."""
         rec = {"step": self.step, "epoch": self.epoch, "loss": self.check_finite(), **metrics,
-               "img_per_s": round(self.epoch_step * self.args.batch_size / max(time.time() - self.t0, 1e-9), 1)}
+               "img_per_s": round(self.seen * self.args.batch_size / max(time.time() - self.t0, 1e-9), 1)}
         self.write(rec)
         if self.master:
             self.bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items() if k in ("loss", "spread", "t", "gap")})

@@ -4,7 +4,7 @@ Each candidate setting is pretrained on the demo radiographs (the scripts' defau
 named) over pretraining seeds, then every run is scored by one `finetune.py --task rsna --score val`:
 a linear probe on 10 % and 100 % of the labels, probe seeds 0-2, scored on the validation split; the
 test split is never read. Writes results/demo-tuning.json and prints one line per setting (mean over
-pretraining seeds of the probe's mean AUC), the figures the README's choices rest on.
+pretraining seeds of the probe's mean AUC), the figures the choices in RESULTS.md rest on.
 
     python benchmarks/demo_tuning.py --jobs 2          # ~1 h on 2 CPU cores
 
