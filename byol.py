@@ -70,7 +70,7 @@ def get_args(argv=None):
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     args = data.parse_args(p, argv)
-    # demo values chosen on the demo's validation split (README, "Choices"): 360 steps are too few for 0.996
+    # demo values chosen on the demo's validation split (RESULTS.md): 360 steps are too few for 0.996
     data.set_defaults(args, epochs=(60, 100), batch_size=(32, 64), tau_base=(0.95, 0.996), lr=(3e-4, 1e-3))
     if not 0 <= args.tau_base <= 1:
         p.error("--ema-base must be in [0, 1]")

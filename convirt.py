@@ -319,7 +319,7 @@ def collapse_advice(args):
     if args.loss == "sigmoid" and args.no_heuristic:
         return "Drop --no-heuristic: plain SigLIP at a small batch collapses (convirt.py's docstring says why)."
     return (f"Try a lower --lr (now {args.lr:g}) and more --epochs (now {args.epochs}): both losses sit on their "
-            "collapse value for a while before they leave it, and a high lr can keep them there (README).")
+            "collapse value for a while before they leave it, and a high lr can keep them there (RESULTS.md).")
 
 
 def collapse_metrics(u, v):

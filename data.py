@@ -1086,12 +1086,10 @@ class BatchAugment:
     ImageNet-normalised. Presets (`PRESETS`, and ConVIRT's own):
       xray        the X-ray augmentation study's rotation (+-10 deg, p 0.5), Gaussian blur (p 0.3) and
                   random erasing (p 0.3), without its flip (laterality matters), plus a resized crop
-                  (0.6-1) and brightness/contrast jitter (+-30 %, `jitter`; chosen against 20 % and
-                  45 % on the demo's validation split): without it two views share their exposure,
-                  the easiest thing to agree on
+                  (0.6-1) and brightness/contrast jitter (+-30 %, `jitter`; RESULTS.md): without it
+                  two views share their exposure, the easiest thing to agree on
       xray-chessboard  xray + the study's chessboard mask (p 0.3, a 2-8 cell grid). Opt-in: at 64 px
-                  it hides half the image, often the finding; on the demo's validation split it
-                  lowered both SimCLR's and BYOL's linear probe (README)
+                  it hides half the image, often the finding (RESULTS.md)
       cytology-A  random crop (0.5-1) + horizontal/vertical flip (the cytology study's baseline)
       cytology-B  A + colour jitter (0.4, 0.4, 0.4, 0.1; p 0.8) + histogram equalisation (p 0.3)
       cytology-C  A + soft elastic deformation (alpha 20, sigma 6; p 0.7)
