@@ -182,16 +182,7 @@ def lr_factor(step, total, warmup):
 def main(argv=None):
     args = get_args(argv)
     run = data.Run(args, "byol")  # process group, device, seeds, run folder, checkpoint to resume from
-    paths = data.demo_images(args.demo) if args.data is None else data.unlabelled_images(args.data, args.image_col)
-    if args.aug is None:  # grayscale or DICOM: xray; colour: cytology-A
-        args.aug = data.preset_for(paths)
-        args.channels = args.channels or (3 if args.aug.startswith("cytology") else 1)
-        if run.master:
-            print(f"--aug {args.aug}: chosen from the images; pass --aug to choose another")
-    with run.rank0_first():  # workers only read uint8 images cached a little larger than the crop
-        dataset = data.ImageDataset(paths, None, data.CLAHE() if args.clahe else None, size=data.train_side(args.size),
-                                    channels=args.channels, cache_dir=args.cache_dir or None, skip_bad=args.skip_bad,
-                                    workers=args.workers, progress=run.master, uint8=True)
+    dataset = data.pretraining_images(args, run)  # uint8 images; --aug chosen from them when not given
     augment = data.BatchAugment(args.aug, args.size, args.channels)  # both views drawn on the device
     loader = run.loader(dataset)
 

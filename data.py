@@ -1284,6 +1284,22 @@ def encoder_from_checkpoint(path, arch):
     return net, dim, ck
 
 
+def pretraining_images(args, run):
+    """The image-only scripts' data set: the demo's train split or --data, read by the workers as uint8 images
+    cached a little larger than the crop (rank 0 builds the cache first); with no --aug, the preset is chosen
+    from the images (grayscale or DICOM: xray; colour: cytology-A) and said."""
+    paths = demo_images(args.demo) if args.data is None else unlabelled_images(args.data, args.image_col)
+    if args.aug is None:
+        args.aug = preset_for(paths)
+        args.channels = args.channels or (3 if args.aug.startswith("cytology") else 1)
+        if run.master:
+            print(f"--aug {args.aug}: chosen from the images; pass --aug to choose another")
+    with run.rank0_first():
+        return ImageDataset(paths, None, CLAHE() if args.clahe else None, size=train_side(args.size),
+                            channels=args.channels, cache_dir=args.cache_dir or None, skip_bad=args.skip_bad,
+                            workers=args.workers, progress=run.master, uint8=True)
+
+
 def embedding_spread(z):
     """Per-dimension std across the batch of the L2-normalised embeddings, times sqrt(D): ~1 spread, 0 collapsed."""
     return float(F.normalize(z.detach().float(), dim=1).std(0, unbiased=False).mean()) * math.sqrt(z.shape[1])
