@@ -58,7 +58,7 @@ def get_args(argv=None):
     p.add_argument("--knn-every", type=int, default=5, help="epochs between kNN evaluations (0: never)")
     p.add_argument("--eval-data", default=None, help="labelled set for the kNN monitor: class folders or a CSV "
                    "(path,label); 'demo' on the demo data")
-    p.add_argument("--knn-k", type=int, default=10, help="neighbours in the kNN monitor")
+    p.add_argument("--knn-k", type=int, default=data.KNN_K, help="neighbours of the weighted kNN monitor")
     p.add_argument("--cache-dir", default=data.default_cache_dir(), help="decode cache folder; '' decodes on the fly")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed) instead of stopping")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")

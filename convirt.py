@@ -33,8 +33,7 @@ import data
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default=None, help="MIMIC-CXR(-JPG) root (files/pXX/...) or a CSV of image,report; "
-                   "none: the demo data")
+    p.add_argument("--data", default=None, help="MIMIC-CXR(-JPG) root or a CSV of image,report; none: the demo")
     p.add_argument("--image-col", default="path", help="CSV column with the image path")
     p.add_argument("--report-col", default="report", help="CSV column with the report text or a .txt path")
     p.add_argument("--metadata-csv", default=None, help="mimic-cxr-2.0.0-metadata.csv: keep frontal views (PA/AP) only")
@@ -43,38 +42,28 @@ def get_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=128, help="longest sentence in tokens")
     p.add_argument("--arch", default=None, choices=["resnet18", "resnet50", "densenet121"],
                    help="image encoder (default resnet50; resnet18 on the demo data)")
-    p.add_argument("--weights", default="none", choices=["imagenet", "none"],
-                   help="image encoder initialisation (ConVIRT: imagenet; none downloads nothing)")
-    p.add_argument("--text-model", default=None, help="Hugging Face encoder name or folder; none: a small BERT "
-                   "with a WordPiece vocabulary built from the reports")
-    p.add_argument("--freeze-text-layers", type=int, default=0, help="freeze the text embeddings and first K layers "
-                   "(ConVIRT: 6)")
-    p.add_argument("--text-pool", default="max", choices=["max", "mean", "cls"], help="pooling of the token outputs "
-                   "(ConVIRT: max)")
+    p.add_argument("--weights", default="none", choices=["imagenet", "none"], help="encoder init (ConVIRT: imagenet)")
+    p.add_argument("--text-model", default=None, help="Hugging Face encoder name or folder; none: a small BERT")
+    p.add_argument("--freeze-text-layers", type=int, default=0, help="freeze embeddings + K layers (ConVIRT: 6)")
+    p.add_argument("--text-pool", default="max", choices=["max", "mean", "cls"], help="token pooling (ConVIRT: max)")
     p.add_argument("--proj-dim", type=int, default=512, help="shared embedding dimension (ConVIRT: 512)")
     p.add_argument("--loss", default="sigmoid", choices=["softmax", "sigmoid"], help="InfoNCE or SigLIP pairwise loss")
-    p.add_argument("--temperature", "--tau", dest="tau", type=float, default=0.1,
-                   help="softmax temperature tau (ConVIRT: 0.1)")
+    p.add_argument("--temperature", "--tau", dest="tau", type=float, default=0.1, help="softmax tau (ConVIRT: 0.1)")
     p.add_argument("--lam", type=float, default=0.75, help="softmax weight of image->text (ConVIRT: 0.75)")
-    p.add_argument("--t-init", type=float, default=10.0, help="sigmoid: initial inverse temperature t = exp(t') "
-                   "(SigLIP: 10; the heuristic starts at least at its floor)")
-    p.add_argument("--b-init", type=float, default=-10.0, help="sigmoid: initial bias (SigLIP: -10); the heuristic "
-                   "replaces it")
+    p.add_argument("--t-init", type=float, default=10.0, help="sigmoid: initial t = exp(t') (SigLIP: 10; >= the floor)")
+    p.add_argument("--b-init", type=float, default=-10.0, help="sigmoid: initial bias (SigLIP: -10; not the heuristic)")
     p.add_argument("--no-heuristic", action="store_true", help="sigmoid: plain SigLIP, without the heuristic")
     p.add_argument("--epochs", type=int, default=None, help="passes over the data (default 50; 150 on the demo data)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="global batch, split over torchrun processes (default 64; ConVIRT: 32, as on the demo)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (default 64; ConVIRT: 32, as the demo)")
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate of the image tower, heads, t and b "
                    "(ConVIRT: Adam 1e-4; 3e-4 chosen on the demo's held-out retrieval)")
-    p.add_argument("--text-lr", type=float, default=None, help="learning rate of the text encoder "
-                   "(default 3e-5 for a pretrained --text-model; --lr for the demo BERT, which starts from scratch)")
+    p.add_argument("--text-lr", type=float, default=None, help="text encoder lr (default 3e-5 with --text-model; "
+                   "else --lr: the demo BERT starts from scratch)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (ConVIRT: 1e-6; t', b: none)")
-    p.add_argument("--warmup", type=float, default=0.05, help="warm-up as a fraction of all steps, then cosine "
-                   "(ConVIRT halves the lr on a plateau; a fixed schedule resumes exactly)")
+    p.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of all steps, then cosine")
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0: off)")
     p.add_argument("--eval-every", type=int, default=5, help="epochs between retrieval evaluations (0: never)")
-    p.add_argument("--eval-labels", default=None, help="CheXpert-style label CSV for retrieval (demo: the validate "
-                   "split's studies)")
+    p.add_argument("--eval-labels", default=None, help="CheXpert-style label CSV for retrieval (demo: validate split)")
     p.add_argument("--eval-root", default=None, help="image root for --eval-labels")
     p.add_argument("--eval-k", type=int, default=10, help="k of Precision@k")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default 224; 64 on the demo data)")
@@ -112,12 +101,9 @@ def projection(dim_in, dim_out):
 
 
 def demo_text_model(reports, seed, max_words=3000):
-    """A small BERT (2 layers, 128 wide) and a WordPiece tokenizer built from the reports: no download.
-
-    The vocabulary is the reports' most frequent words plus every character, alone and as a
-    '##' continuation, so any text tokenizes; it is built by counting, in a fixed order, because
-    the tokenizers library's trainer breaks ties differently from run to run.
-    """
+    """A small BERT (2 layers, 128 wide) and a WordPiece tokenizer built from the reports: no download. Its
+    vocabulary: the reports' most frequent words and every character, alone and as '##' continuation (any text
+    tokenizes), counted in a fixed order (the tokenizers library's trainer breaks ties differently run to run)."""
     from collections import Counter
 
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
@@ -139,12 +125,16 @@ def demo_text_model(reports, seed, max_words=3000):
     return tk.to_str(), BertModel(config, add_pooling_layer=False)
 
 
-def wrap_tokenizer(tokenizer_json):
+BERT_SPECIALS = {"unk_token": "[UNK]", "pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+                 "mask_token": "[MASK]"}
+
+
+def wrap_tokenizer(tokenizer_json, specials=None):
+    """A fast tokenizer from its JSON (the tokenizers library's whole definition) and special tokens."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json), unk_token="[UNK]",
-                                   pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json), **(specials or BERT_SPECIALS))
 
 
 def hub_text_model(name):
@@ -155,11 +145,42 @@ def hub_text_model(name):
     except (OSError, ValueError) as e:
         raise SystemExit(f"could not load text model {name!r}: no such model or path, or offline with no local copy "
                          f"({str(e).splitlines()[0]})") from None
-    # BERT-style models come with a pooler over [CLS]; ConVIRT pools the token outputs itself, so the
-    # pooler gets no gradient, and DDP, waiting for one, would stop at the second step
-    if isinstance(getattr(model, "pooler", None), nn.Module):
-        model.pooler.requires_grad_(False)
+    if not tokenizer.is_fast:
+        raise SystemExit(f"text model {name!r} has no fast tokenizer, which the checkpoint needs to carry its own")
     return tokenizer, model
+
+
+def saved_text_model(ck):
+    """(tokenizer, text encoder) rebuilt from a checkpoint alone, offline, whatever --text-model it was trained with:
+    the saved tokenizer and config (the weights come with the model's state dict)."""
+    from transformers import AutoConfig, AutoModel
+
+    config = dict(ck["text_config"])
+    model = AutoModel.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+    if not any(k.startswith("text_encoder.pooler.") for k in ck["model"]):
+        model.pooler = None  # trained without one (the demo BERT)
+    return wrap_tokenizer(ck["tokenizer_json"], ck.get("tokenizer_specials")), model
+
+
+def load(path, device="cpu"):
+    """A convirt.py checkpoint as a model in eval mode, from the file alone (offline, on another transformers
+    version). model.encode_image(x) takes a batch as data.eval_transform(model.size) makes it (B x 3 x S x S,
+    ImageNet-normalised, a grayscale radiograph repeated); model.encode_text(list of str) tokenises itself; both
+    return L2-normalised embeddings. model.temperature: the loss's tau (softmax), or 1/t (sigmoid)."""
+    ck = data.load_checkpoint(path)
+    if ck["method"] != "convirt" or not ck.get("tokenizer_json"):
+        raise ValueError(f"{path}: a {ck['method']}.py checkpoint" + (" without its tokenizer (written before "
+                         "convirt.py saved it)" if ck["method"] == "convirt" else " has no text tower") +
+                         "; zero-shot needs a convirt.py checkpoint")
+    a, (tokenizer, text_model) = ck["args"], saved_text_model(ck)
+    model = ConVIRT(ck["arch"], "none", text_model, a["proj_dim"], a["text_pool"], 1.0, 0.0)
+    state = {k: v for k, v in ck["model"].items() if not k.endswith("position_ids")}  # a buffer some versions save
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if [k for k in missing if not k.endswith("position_ids")] or unexpected:
+        raise ValueError(f"{path}: its weights do not fit the model they describe ({(missing or unexpected)[:3]})")
+    model.tokenizer, model.max_tokens, model.size = tokenizer, a["max_tokens"], a["size"]
+    model.temperature = a["tau"] if a["loss"] == "softmax" else float(1 / model.t_prime.exp())
+    return model.eval().to(device)
 
 
 def freeze_text_layers(model, k):
@@ -192,7 +213,11 @@ class ConVIRT(nn.Module):
     def encode_image(self, x):
         return F.normalize(self.image_proj(self.image_encoder(x)).float(), dim=-1)
 
-    def encode_text(self, input_ids, attention_mask):
+    def encode_text(self, input_ids, attention_mask=None):
+        if isinstance(input_ids, (list, tuple)):  # strings, tokenised by the model's own tokenizer
+            tok = self.tokenizer(list(input_ids), padding=True, truncation=True, max_length=self.max_tokens,
+                                 return_tensors="pt").to(self.t_prime.device)
+            input_ids, attention_mask = tok["input_ids"], tok["attention_mask"]
         h = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         m = attention_mask[..., None].bool()
         if self.pool == "max":
@@ -208,9 +233,8 @@ class ConVIRT(nn.Module):
 
 
 class RandomSentence:
-    """One sentence drawn uniformly from a study's findings + impression: a function of (seed, epoch,
-    study), so persistent DataLoader workers and a resumed run draw what an uninterrupted run draws.
-    The training loop sets `epoch`, a shared-memory tensor every worker reads."""
+    """One sentence drawn uniformly from a study's findings + impression, a function of (seed, epoch, study): the
+    persistent workers and a resumed run draw as an uninterrupted run (`epoch`: shared memory, set by the loop)."""
 
     def __init__(self, seed):
         self.seed, self.epoch = seed, torch.zeros((), dtype=torch.int64).share_memory_()
@@ -221,8 +245,7 @@ class RandomSentence:
 
 
 class Tokenize:
-    """The DataLoader's collate: stack the uint8 images and tokenise the batch's sentences, in the
-    workers, so the training loop only copies tensors to the device."""
+    """The DataLoader's collate, in the workers: the uint8 images stacked, the batch's sentences tokenised."""
 
     def __init__(self, tokenizer, max_tokens):
         self.tokenizer, self.max_tokens = tokenizer, max_tokens
@@ -325,12 +348,9 @@ def collapse_advice(args):
 def collapse_metrics(u, v):
     """gap: mean diagonal minus mean off-diagonal cosine; spread: per-dimension std across the
     batch times sqrt(D), the smaller of the two towers (1 ~ spread out, 0 = one point)."""
-    s = u @ v.T
-    n = s.shape[0]
-    diag = s.diagonal().mean()
+    s, n = u @ v.T, u.shape[0]
     off = (s.sum() - s.diagonal().sum()) / max(n * (n - 1), 1)
-    spread = min(float(u.std(0, unbiased=False).mean()), float(v.std(0, unbiased=False).mean())) * math.sqrt(u.shape[1])
-    return float(diag - off), spread
+    return float(s.diagonal().mean() - off), min(data.embedding_spread(u), data.embedding_spread(v))
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -357,49 +377,30 @@ EVAL_QUERIES = {  # text->image queries per category, in the spirit of ConVIRT's
 
 @torch.no_grad()
 def retrieval_precision(img_emb, labels, k, txt_emb=None):
-    """Precision@k per category (ConVIRT's CheXpert 8x200 protocol, on any labelled set).
-
-    image->image: each image positive for category c queries all other images; a hit is a
-    retrieved image with label c = 1. text->image: txt_emb {c: (q, D)} queries all images.
-    Returns {category index: (image->image P@k, text->image P@k or None, chance = prevalence)}.
-    """
-    sim = img_emb @ img_emb.T
-    sim.fill_diagonal_(-float("inf"))
+    """Precision@k per category (ConVIRT's CheXpert 8x200 protocol, on any labelled set): {category index:
+    (image->image P@k, text->image P@k or None, chance = prevalence)}. image->image: each image positive for c
+    queries all others, a hit is an image with label c = 1; text->image: txt_emb {c: (q, D)} queries all images."""
     k = min(k, len(img_emb) - 1)
-    top = sim.topk(k, dim=1).indices
+    top = (img_emb @ img_emb.T).fill_diagonal_(-float("inf")).topk(k, dim=1).indices
     out = {}
     for c in range(labels.shape[1]):
         pos = labels[:, c] > 0
         if pos.sum() < 2:
             continue
-        i2i = float(pos[top[pos]].float().mean())
         t2i = None
         if txt_emb is not None and c in txt_emb:
-            t_top = (txt_emb[c] @ img_emb.T).topk(k, dim=1).indices
-            t2i = float(pos[t_top].float().mean())
-        out[c] = (i2i, t2i, float(pos.float().mean()))
+            t2i = float(pos[(txt_emb[c] @ img_emb.T).topk(k, dim=1).indices].float().mean())
+        out[c] = (float(pos[top[pos]].float().mean()), t2i, float(pos.float().mean()))
     return out
 
 
-def embed_images(model, loader, device, amp):
-    model.eval()
-    out = []
-    with torch.no_grad(), amp:
-        for x, _ in loader:
-            out.append(model.encode_image(x.to(device)).float().cpu())
-    return torch.cat(out)
-
-def evaluate(model, tokenizer, loader, labels, args, run, epoch):
+def evaluate(model, loader, labels, args, run, epoch):
     """Retrieval P@k on the labelled set: image->image, and text->image with EVAL_QUERIES; logged and returned."""
     model.eval()
-    img = embed_images(model, loader, run.device, run.amp)
-    txt = {}
     with torch.no_grad(), run.amp:
-        for c, name in enumerate(data.CHEXPERT_14):
-            if name in EVAL_QUERIES:
-                tok = tokenizer(EVAL_QUERIES[name], padding=True, truncation=True, max_length=args.max_tokens,
-                                return_tensors="pt").to(run.device)
-                txt[c] = model.encode_text(tok["input_ids"], tok["attention_mask"]).float().cpu()
+        img = torch.cat([model.encode_image(x.to(run.device)).float().cpu() for x, _ in loader])
+        txt = {c: model.encode_text(EVAL_QUERIES[name]).float().cpu()
+               for c, name in enumerate(data.CHEXPERT_14) if name in EVAL_QUERIES}
     res = retrieval_precision(img, labels, args.eval_k, txt)
     model.train()
     rec = {"epoch": epoch, "step": run.step,
@@ -451,18 +452,16 @@ def main(argv=None):
                                     workers=args.workers, progress=run.master, uint8=True)
     augment = data.BatchAugment("convirt", args.size, 1, hflip=args.hflip)  # drawn on the device
 
-    # text model: named, or the demo's small BERT (a resumed run rebuilds it from the checkpoint)
-    if args.text_model:
+    # text model: rebuilt from the checkpoint on resume; else named, or the demo's small BERT
+    if run.state and run.state.get("tokenizer_json"):
+        tokenizer, text_model = saved_text_model(run.state)
+    elif args.text_model:
         tokenizer, text_model = hub_text_model(args.text_model)
-        tokenizer_json = None
-    elif run.state:
-        from transformers import BertConfig, BertModel
-
-        tokenizer_json = run.state["tokenizer_json"]
-        text_model = BertModel(BertConfig.from_dict(run.state["text_config"]), add_pooling_layer=False)
     else:
         tokenizer_json, text_model = demo_text_model(reports, args.seed)
-    tokenizer = tokenizer if args.text_model else wrap_tokenizer(tokenizer_json)
+        tokenizer = wrap_tokenizer(tokenizer_json)
+    if isinstance(getattr(text_model, "pooler", None), nn.Module):  # BERT's pooler over [CLS]: ConVIRT pools the
+        text_model.pooler.requires_grad_(False)  # tokens itself, and DDP would wait for the pooler's gradient
     freeze_text_layers(text_model, args.freeze_text_layers)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the fast tokenizer's threads do not survive a fork
     loader = run.loader(dataset, Tokenize(tokenizer, args.max_tokens), what="image-report pairs")
@@ -478,6 +477,7 @@ def main(argv=None):
         model.t_prime.requires_grad_(False)
         model.bias.requires_grad_(False)
     model = run.prepare(model)
+    model.tokenizer, model.max_tokens = tokenizer, args.max_tokens  # encode_text(list of str), as load() gives
     text_params = [p for p in model.text_encoder.parameters() if p.requires_grad]
     scalars = [p for p in (model.t_prime, model.bias) if p.requires_grad]  # no decay on t' and b (open_clip)
     other = [p for name, p in model.named_parameters()
@@ -490,7 +490,8 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
     run.checkpoint(method="convirt", arch=args.arch, encoder=model.image_encoder, model=model,
                    text_model=args.text_model or "demo-bert", text_config=model.text_encoder.config.to_dict(),
-                   tokenizer_json=tokenizer_json, optimizer=optimizer, scheduler=scheduler)
+                   tokenizer_json=tokenizer.backend_tokenizer.to_str(), optimizer=optimizer, scheduler=scheduler,
+                   tokenizer_specials={k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)})
     if args.compile:
         model.image_encoder.compile()  # in place: the state dict keeps torchvision's key names
     train_model = run.distribute(model)  # DDP over the model under torchrun, else the model
@@ -538,7 +539,7 @@ def main(argv=None):
         epoch_loss = run.epoch_loss()  # one batch swings by several percent: the epoch's mean is what the verdict reads
         run.write({"epoch": epoch, "step": run.step, "epoch_loss": epoch_loss, "collapse_loss": collapse_value})
         if eval_loader is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            last_eval = evaluate(model, tokenizer, eval_loader, eval_labels, args, run, epoch)
+            last_eval = evaluate(model, eval_loader, eval_labels, args, run, epoch)
     if run.master and last_rec is not None:
         collapsed, verdict = collapse_verdict(epoch_loss, collapse_value, last_rec["spread"], last_eval, args.eval_k)
         run.write({"step": run.step, "collapsed": collapsed, "verdict": verdict})

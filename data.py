@@ -1,23 +1,23 @@
 """data.py: the one module the medssl scripts share.
 
-Reading (DICOM and ordinary images), radiology reports, data-set adapters for the
-real on-disk layouts, label files, patient-level splits and label fractions, the
-decode cache, the augmentation presets (batched, on the batch's own device), and the
-built-in demo data set.
+Reading DICOM and ordinary images, radiology reports, adapters for the real data sets' layouts, label files,
+patient-level splits and label fractions, the decode cache, the batched augmentation presets, and the run
+mechanics every script uses alike (process group, run folder and log, checkpoint and exact resume, encoder,
+kNN monitor, NaN guard). The demo data set is built by demo.py, imported only when it is asked for.
 
     python data.py demo /tmp/demo            # write the demo data set and print a summary
     python data.py bench-cache               # images/s: decoding full-size DICOM vs reading the cache
 
-Conventions: every image comes out as float32 in [0, 1]; a grayscale image is H x W,
-a colour one H x W x 3; datasets return C x S x S tensors (float, or uint8 as the cache
-stores them, for the batched augmentation). Every reading error is a
-`BadImageError` whose message starts with the file's path and says the cause.
+Conventions: every image comes out as float32 in [0, 1], H x W (grayscale) or H x W x 3; datasets return
+C x S x S tensors (float, or uint8 as the cache stores them). Every reading error is a `BadImageError` whose
+message starts with the file's path and says the cause.
 """
 import argparse
 import contextlib
 import csv
 import json
 import math
+import multiprocessing
 import os
 import re
 import signal
@@ -29,9 +29,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2 as T
+from PIL import Image, UnidentifiedImageError
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 from tqdm import tqdm
 
 IMAGE_EXTS = {".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -42,38 +45,24 @@ class BadImageError(Exception):
     """An image that cannot be read; the message names the file and the cause."""
 
 
-# ----------------------------------------------------------------------------------
-# DICOM
-# ----------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------ DICOM
 
-# Which package decodes which transfer syntax (pydicom's pixel-data handler table).
-_DECODER_HINT = {
-    "1.2.840.10008.1.2.4.50": "pylibjpeg and pylibjpeg-libjpeg",  # JPEG baseline
-    "1.2.840.10008.1.2.4.51": "pylibjpeg and pylibjpeg-libjpeg",  # JPEG extended
-    "1.2.840.10008.1.2.4.57": "pylibjpeg and pylibjpeg-libjpeg",  # JPEG lossless
-    "1.2.840.10008.1.2.4.70": "pylibjpeg and pylibjpeg-libjpeg",  # JPEG lossless SV1
-    "1.2.840.10008.1.2.4.80": "pylibjpeg and pylibjpeg-libjpeg",  # JPEG-LS lossless
-    "1.2.840.10008.1.2.4.81": "pylibjpeg and pylibjpeg-libjpeg",  # JPEG-LS near-lossless
-    "1.2.840.10008.1.2.4.90": "pylibjpeg and pylibjpeg-openjpeg",  # JPEG 2000 lossless
-    "1.2.840.10008.1.2.4.91": "pylibjpeg and pylibjpeg-openjpeg",  # JPEG 2000
-    "1.2.840.10008.1.2.4.201": "pylibjpeg and pylibjpeg-openjpeg",  # HTJ2K
-    "1.2.840.10008.1.2.4.202": "pylibjpeg and pylibjpeg-openjpeg",
-    "1.2.840.10008.1.2.4.203": "pylibjpeg and pylibjpeg-openjpeg",
-    "1.2.840.10008.1.2.5": "pylibjpeg and pylibjpeg-rle (pydicom's own RLE decoder should also work)",
-}
+# Which package decodes which transfer syntax (pydicom's pixel-data handler table): JPEG, JPEG-LS; JPEG 2000, HTJ2K
+_DECODER_HINT = {**dict.fromkeys(["1.2.840.10008.1.2.4." + s for s in ("50", "51", "57", "70", "80", "81")],
+                                 "pylibjpeg and pylibjpeg-libjpeg"),
+                 **dict.fromkeys(["1.2.840.10008.1.2.4." + s for s in ("90", "91", "201", "202", "203")],
+                                 "pylibjpeg and pylibjpeg-openjpeg"),
+                 "1.2.840.10008.1.2.5": "pylibjpeg and pylibjpeg-rle (pydicom's own RLE decoder should also work)"}
 
 
 def _read_dicom(path):
     """(dataset, raw pixel array of the first frame) or BadImageError naming the cause."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     path = str(path)
     if not os.path.isfile(path):
         raise BadImageError(f"{path}: file not found")
     try:
         ds = pydicom.dcmread(path)
-    except InvalidDicomError as e:
+    except pydicom.errors.InvalidDicomError as e:
         raise BadImageError(f"{path}: not a DICOM file ({e})") from None
     except Exception as e:  # a header cut short, an unreadable element
         raise BadImageError(f"{path}: unreadable DICOM header ({type(e).__name__}: {e})") from None
@@ -85,24 +74,18 @@ def _read_dicom(path):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            # Multi-frame files: only the first frame is read (index=0), which is what a
-            # radiograph is; a CT/MR volume would need a slice choice this project has no use for.
-            frames = int(ds.get("NumberOfFrames", 1) or 1)
-            arr = ds.pixel_array if frames == 1 else ds.pixel_array[0]
+            # multi-frame: the first frame, which is what a radiograph is (a CT volume would need a slice choice)
+            arr = ds.pixel_array if int(ds.get("NumberOfFrames", 1) or 1) == 1 else ds.pixel_array[0]
     except ValueError as e:
-        if "less than expected" in str(e) or "truncat" in str(e).lower():
-            raise BadImageError(f"{path}: pixel data is truncated ({e})") from None
-        raise BadImageError(f"{path}: pixel data cannot be decoded ({e})") from None
+        what = "is truncated" if "less than expected" in str(e) or "truncat" in str(e).lower() else "cannot be decoded"
+        raise BadImageError(f"{path}: pixel data {what} ({e})") from None
     except (RuntimeError, NotImplementedError) as e:
-        name = getattr(tsyntax, "name", str(tsyntax))
-        hint = _DECODER_HINT.get(str(tsyntax))
-        if hint and ("no plugins" in str(e) or "missing" in str(e).lower() or "no pixel data decoders" in str(e)):
-            msg = f"transfer syntax '{name}' needs a decoder that is not installed: pip install {hint}"
-        elif hint:
-            msg = f"transfer syntax '{name}' could not be decoded, the data may be corrupt ({e})"
-        else:
-            msg = f"no installed decoder handles transfer syntax '{name}' ({e})"
-        raise BadImageError(f"{path}: {msg}") from None
+        name, hint = getattr(tsyntax, "name", str(tsyntax)), _DECODER_HINT.get(str(tsyntax))
+        absent = "no plugins" in str(e) or "missing" in str(e).lower() or "no pixel data decoders" in str(e)
+        raise BadImageError(f"{path}: " + (
+            f"transfer syntax '{name}' needs a decoder that is not installed: pip install {hint}" if hint and absent
+            else f"transfer syntax '{name}' could not be decoded, the data may be corrupt ({e})" if hint
+            else f"no installed decoder handles transfer syntax '{name}' ({e})")) from None
     except Exception as e:
         raise BadImageError(f"{path}: pixel data cannot be decoded ({type(e).__name__}: {e})") from None
     return ds, arr
@@ -110,8 +93,7 @@ def _read_dicom(path):
 
 def _window(x, center, width, function="LINEAR"):
     """VOI windowing to [0, 1], DICOM PS3.3 C.11.2.1.2 (LINEAR, LINEAR_EXACT, SIGMOID)."""
-    function = (function or "LINEAR").upper()
-    width = max(float(width), 1.0)
+    function, width = (function or "LINEAR").upper(), max(float(width), 1.0)
     if function == "SIGMOID":  # C.11.2.1.3.1
         return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
     if function == "LINEAR_EXACT":  # C.11.2.1.3.2
@@ -120,34 +102,25 @@ def _window(x, center, width, function="LINEAR"):
     return np.clip((x - (center - 0.5)) / max(width - 1.0, 1.0) + 0.5, 0.0, 1.0)
 
 
-def _first(v):
-    """First value of a possibly multi-valued DICOM element (WindowCenter can hold several)."""
-    return float(v[0]) if hasattr(v, "__len__") and not isinstance(v, (str, bytes)) else float(v)
-
-
 def _dicom_to_display(ds, arr, path):
     """Grayscale stored values -> display-ready [0, 1] (modality LUT, VOI, MONOCHROME1)."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
     x = apply_modality_lut(arr, ds).astype(np.float64)
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
-        item = ds.VOILUTSequence[0]
-        bits = int(item.LUTDescriptor[2])
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
         y = apply_voi_lut(np.rint(x).astype(np.int64), ds, index=0, prefer_lut=True)  # LUT input: modality values
         y = np.asarray(y, np.float64) / float(2 ** bits - 1)
     elif "WindowCenter" in ds and "WindowWidth" in ds and ds.WindowWidth not in (None, ""):
-        y = _window(x, _first(ds.WindowCenter), _first(ds.WindowWidth), ds.get("VOILUTFunction", "LINEAR"))
+        c, w = (float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)  # several values: the first
+                for v in (ds.WindowCenter, ds.WindowWidth))
+        y = _window(x, c, w, ds.get("VOILUTFunction", "LINEAR"))
     else:
-        # No VOI: the full range the stored bits can hold, passed through the modality LUT.
-        # (Not the image's own min/max: that would make intensity depend on content.)
-        bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
-        signed = int(ds.get("PixelRepresentation", 0))
+        # No VOI: the full range the stored bits can hold, through the modality LUT (not the image's own
+        # min/max, which would make intensity depend on content)
+        bits, signed = int(ds.get("BitsStored", ds.get("BitsAllocated", 16))), int(ds.get("PixelRepresentation", 0))
         lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
         slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
-        if "ModalityLUTSequence" in ds:
-            lo, hi = float(x.min()), float(x.max())
-        else:
-            lo, hi = sorted((lo * slope + intercept, hi * slope + intercept))
+        lo, hi = ((float(x.min()), float(x.max())) if "ModalityLUTSequence" in ds
+                  else sorted((lo * slope + intercept, hi * slope + intercept)))
         y = (x - lo) / max(hi - lo, 1e-12)
     y = np.clip(y, 0.0, 1.0)
     if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
@@ -158,11 +131,8 @@ def _dicom_to_display(ds, arr, path):
 
 
 def _dicom_colour(ds, arr):
-    """Colour DICOM (RGB, YBR_*) -> H x W x 3 RGB in [0, 1].
-
-    pydicom 3 already returns RGB for YBR_FULL / YBR_FULL_422 data, compressed or not."""
-    bits = int(ds.get("BitsStored", 8))
-    return (arr.astype(np.float64) / (2 ** bits - 1)).clip(0, 1).astype(np.float32)
+    """Colour DICOM -> H x W x 3 RGB in [0, 1] (pydicom 3 already converts YBR_FULL(_422) to RGB)."""
+    return (arr.astype(np.float64) / (2 ** int(ds.get("BitsStored", 8)) - 1)).clip(0, 1).astype(np.float32)
 
 
 def _luminance(rgb):
@@ -171,58 +141,42 @@ def _luminance(rgb):
 
 
 def load_dicom(path):
-    """A DICOM image as a display-ready float32 H x W array in [0, 1].
-
-    Stored values -> modality LUT (RescaleSlope/Intercept or Modality LUT Sequence)
-    -> VOI (VOI LUT Sequence, else WindowCenter/Width with VOILUTFunction, else the full
-    stored range) -> MONOCHROME1 inverted -> [0, 1]. Multi-frame: the first frame.
-    Colour (RGB, YBR_*) -> luminance. PALETTE COLOR -> its RGB -> luminance.
-    """
+    """A DICOM image as a display-ready float32 H x W array in [0, 1]: stored values -> modality LUT -> VOI (VOI LUT
+    Sequence, else WindowCenter/Width with VOILUTFunction, else the full stored range) -> MONOCHROME1 inverted.
+    Multi-frame: the first frame. Colour (RGB, YBR_*, PALETTE COLOR) -> luminance."""
     ds, arr = _read_dicom(path)
-    pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
-    if pi == "PALETTE COLOR":
-        from pydicom.pixels import apply_color_lut
-
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "PALETTE COLOR":
         rgb = apply_color_lut(arr, ds).astype(np.float64)
         return _luminance(rgb / max(float(rgb.max()), 1.0))
-    if arr.ndim == 3:
-        return _luminance(_dicom_colour(ds, arr))
-    return _dicom_to_display(ds, arr, path)
+    return _luminance(_dicom_colour(ds, arr)) if arr.ndim == 3 else _dicom_to_display(ds, arr, path)
 
 
 def is_dicom(path):
     """True when the file has the 'DICM' magic at byte 128 (or a .dcm/.dicom name)."""
     try:
         with open(path, "rb") as f:
-            f.seek(128)
-            if f.read(4) == b"DICM":
-                return True
+            return f.read(132)[128:] == b"DICM" or Path(path).suffix.lower() in (".dcm", ".dicom")
     except OSError:
         return False
-    return Path(path).suffix.lower() in (".dcm", ".dicom")
 
 
 def preset_for(paths, n=16):
     """The augmentation preset that fits a folder of images: 'xray' when most of the first n readable
     files are grayscale (DICOM, a one-channel file, or colour whose channels agree), else 'cytology-A'."""
-    from PIL import Image
-
     gray = colour = 0
     for p in paths:
         if gray + colour >= n:
             break
-        if is_dicom(p):
-            gray += 1
-            continue
         try:
+            if is_dicom(p):
+                gray += 1
+                continue
             with Image.open(p) as im:
-                if im.mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
-                    gray += 1
-                    continue
-                a = np.asarray(im.convert("RGB").resize((32, 32)), np.int16)
+                a = None if im.mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr") else \
+                    np.asarray(im.convert("RGB").resize((32, 32)), np.int16)
         except OSError:
             continue  # unreadable files are the dataset's business
-        if np.abs(a - a.mean(2, keepdims=True)).max() <= 3:
+        if a is None or np.abs(a - a.mean(2, keepdims=True)).max() <= 3:
             gray += 1
         else:
             colour += 1
@@ -232,40 +186,29 @@ def preset_for(paths, n=16):
 def load_image(path, channels=1):
     """Any supported image as float32 in [0, 1]: H x W (channels=1) or H x W x 3 (channels=3).
 
-    DICOM is recognised by its 'DICM' preamble, whatever the file is called; otherwise
-    PNG (8/16 bit), JPEG, BMP, TIFF via Pillow. channels=3 keeps colour (cytology) and
-    replicates a grayscale image; channels=1 turns colour into luminance.
+    DICOM is recognised by its 'DICM' preamble, whatever the file is called; otherwise PNG (8/16 bit), JPEG,
+    BMP, TIFF via Pillow. channels=3 keeps colour and replicates gray; channels=1 turns colour into luminance.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    path = str(path)
     if not os.path.isfile(path):
         raise BadImageError(f"{path}: file not found")
     if is_dicom(path):
         if channels == 1:
             return load_dicom(path)
         ds, arr = _read_dicom(path)
-        if arr.ndim == 3:
-            return _dicom_colour(ds, arr)
-        return np.repeat(load_dicom(path)[..., None], 3, axis=2)
-    from PIL import Image, UnidentifiedImageError
-
+        return _dicom_colour(ds, arr) if arr.ndim == 3 else np.repeat(load_dicom(path)[..., None], 3, axis=2)
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit PNG/TIFF: mode I or I;16, both 0..65535
                 a = np.asarray(im, dtype=np.float64)
-                # 16-bit PNG/TIFF: Pillow reports mode I or I;16; both hold 0..65535
                 a = a / 65535.0 if a.max() > 255 or im.mode.startswith("I;16") else a / 255.0
             elif im.mode == "F":
                 a = np.asarray(im, dtype=np.float64)
-                lo, hi = float(a.min()), float(a.max())
-                a = (a - lo) / max(hi - lo, 1e-12)
-            elif im.mode in ("L", "1", "P", "LA", "RGB", "RGBA", "CMYK", "YCbCr"):
-                im = im.convert("L" if im.mode in ("L", "1", "LA") else "RGB")
-                a = np.asarray(im, dtype=np.float64) / 255.0
+                a = (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
             else:
-                a = np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0
+                a = np.asarray(im.convert("L" if im.mode in ("L", "1", "LA") else "RGB"), dtype=np.float64) / 255.0
     except UnidentifiedImageError:
         raise BadImageError(f"{path}: not an image file that Pillow or pydicom can read") from None
     except OSError as e:  # truncated JPEG/PNG
@@ -277,25 +220,19 @@ def load_image(path, channels=1):
 
 
 def fit_square(img, size):
-    """H x W or H x W x C float array -> C x size x size tensor: shorter side to `size`, centre crop.
-
-    Antialiased bilinear resize, as PIL does; the centre crop loses at most the long
-    side's margins, which on chest radiographs are outside the lungs.
-    """
+    """H x W or H x W x C float array -> C x size x size tensor: shorter side to `size` (antialiased bilinear, as
+    PIL), centre crop (it loses the long side's margins, which on radiographs are outside the lungs)."""
     t = torch.from_numpy(np.ascontiguousarray(img))
     t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
     h, w = t.shape[-2:]
-    s = size / min(h, w)
-    nh, nw = max(size, round(h * s)), max(size, round(w * s))
+    nh, nw = max(size, round(h * size / min(h, w))), max(size, round(w * size / min(h, w)))
     if (nh, nw) != (h, w):
         t = F.interpolate(t[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
     top, left = (nh - size) // 2, (nw - size) // 2
     return t[:, top:top + size, left:left + size].clamp(0, 1).contiguous()
 
 
-# ----------------------------------------------------------------------------------
-# Reports
-# ----------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------- Reports
 
 # A heading: capitalised words ending in a colon, e.g. "FINDINGS:", "WET READ:", "PA AND LATERAL VIEWS OF THE CHEST:"
 _HEADING = re.compile(r"(?:(?<=^)|(?<=[\s.]))([A-Z][A-Z&/()\- ]{1,60}[A-Z)]):")
@@ -312,58 +249,42 @@ def _clean(text):
 
 
 def parse_report(text):
-    """Sections of a MIMIC-CXR-style free-text report: dict of lower-case heading -> text.
-
-    Always has 'findings' and 'impression' ('' when absent). Headings are capitalised
-    words ending in a colon, on their own line or inline; 'FINAL REPORT' banners are
-    dropped; whitespace and line wraps are collapsed. Text before the first heading is
-    kept under 'preamble'.
-    """
+    """Sections of a MIMIC-CXR-style report: {lower-case heading: text}, always with 'findings', 'impression' and
+    'preamble' (the text before the first heading; '' when absent). Headings are capitalised words ending in a
+    colon, on their own line or inline; 'FINAL REPORT' banners are dropped; whitespace is collapsed."""
     text = re.sub(r"\bFINAL REPORT\b", " ", text or "")
-    sections = {"findings": "", "impression": "", "preamble": ""}
     matches = list(_HEADING.finditer(text))
-    sections["preamble"] = _clean(text[:matches[0].start()] if matches else text)
+    sections = {"findings": "", "impression": "", "preamble": _clean(text[:matches[0].start()] if matches else text)}
     for m, nxt in zip(matches, matches[1:] + [None]):
-        name = _clean(m.group(1)).lower()
-        name = _ALIASES.get(name, name)
+        name = _ALIASES.get(_clean(m.group(1)).lower(), _clean(m.group(1)).lower())
         body = _clean(text[m.end():nxt.start() if nxt else len(text)])
-        sections[name] = (sections.get(name, "") + " " + body).strip() if sections.get(name) else body
+        sections[name] = (sections[name] + " " + body).strip() if sections.get(name) else body
     return sections
 
 
 def split_sentences(text):
     """Sentences of a text; abbreviations, initials, decimals and list numbers do not split."""
-    text = _clean(text)
-    out, start = [], 0
+    text, out, start = _clean(text), [], 0
     for m in re.finditer(r"[.!?]+(?=\s+[A-Z0-9(\"'_]|\s*$)", text):
         before = text[start:m.start()].split()
         last = before[-1].lower().strip("(\"'") if before else ""
         if last in _ABBREVIATIONS or re.fullmatch(r"[a-z]", last) or re.fullmatch(r"\d+", last) and len(before) == 1:
             continue  # "Dr.", an initial, or a list marker "1."
-        sentence = text[start:m.end()].strip()
+        out.append(text[start:m.end()].strip())
         start = m.end()
-        sentence = re.sub(r"^\(?\d+[.)]\s+", "", sentence)  # drop a leading list marker
-        if re.search(r"[A-Za-z]", sentence):
-            out.append(sentence)
-    tail = re.sub(r"^\(?\d+[.)]\s+", "", text[start:].strip())
-    if re.search(r"[A-Za-z]", tail):
-        out.append(tail)
-    return out
+    out.append(text[start:].strip())
+    out = [re.sub(r"^\(?\d+[.)]\s+", "", s) for s in out]  # drop a leading list marker
+    return [s for s in out if re.search(r"[A-Za-z]", s)]
 
 
 def report_sentences(text):
-    """Sentences of findings + impression (the whole text when neither exists), for ConVIRT's
-    random-sentence text augmentation."""
+    """Sentences of findings + impression (the whole text when neither exists): ConVIRT's text augmentation."""
     s = parse_report(text)
-    body = " ".join(p for p in (s["findings"], s["impression"]) if p)
-    if not body:
-        body = " ".join(v for k, v in s.items() if v)
+    body = " ".join(p for p in (s["findings"], s["impression"]) if p) or " ".join(v for v in s.values() if v)
     return split_sentences(body)
 
 
-# ----------------------------------------------------------------------------------
-# Data-set adapters: real on-disk layouts -> lists of paths (+ reports or labels)
-# ----------------------------------------------------------------------------------
+# ---------------------------------- Data-set adapters: real on-disk layouts -> lists of paths (+ reports or labels)
 
 def _read_csv(csv_path, required=()):
     """Rows of a CSV as dicts; a missing file or column is a clear error naming both."""
@@ -372,10 +293,9 @@ def _read_csv(csv_path, required=()):
         raise FileNotFoundError(f"{csv_path}: CSV file not found")
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
-        missing = [c for c in required if c not in cols]
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{csv_path}: missing column(s) {missing}; the file has {cols}")
+            raise ValueError(f"{csv_path}: missing column(s) {missing}; the file has {reader.fieldnames or []}")
         return list(reader)
 
 
@@ -388,47 +308,33 @@ def find_images(root):
     for dirpath, dirnames, files in os.walk(root):
         dirnames.sort()
         for f in sorted(files):
-            p = os.path.join(dirpath, f)
             ext = Path(f).suffix.lower()
-            if ext in IMAGE_EXTS or (ext == "" and is_dicom(p)):
-                out.append(p)
+            if ext in IMAGE_EXTS or (ext == "" and is_dicom(os.path.join(dirpath, f))):
+                out.append(os.path.join(dirpath, f))
     if not out:
         raise ValueError(f"{root}: no images found (looked for {sorted(IMAGE_EXTS)} and DICOM files)")
     return out
 
 
 def mimic_cxr_pairs(root, metadata_csv=None, split_csv=None, split=None, views=("PA", "AP")):
-    """Image-report pairs in the MIMIC-CXR (DICOM) or MIMIC-CXR-JPG layout.
-
-        root/files/p10/p10000032/s50414267/02aa804e-....dcm   (or .jpg)
-        root/files/p10/p10000032/s50414267.txt                 the study's report
-
-    metadata_csv (mimic-cxr-2.0.0-metadata.csv): keep only images whose ViewPosition is in
-    `views`. split_csv (mimic-cxr-2.0.0-split.csv) with split='train'|'validate'|'test':
-    keep that official split. Returns (image paths, report texts, patient ids).
-    """
+    """(image paths, report texts, patient ids) in the MIMIC-CXR (DICOM) or MIMIC-CXR-JPG layout:
+    root/files/p10/p10000032/s50414267/02aa804e-....dcm (or .jpg) beside root/files/p10/p10000032/s50414267.txt.
+    metadata_csv (mimic-cxr-2.0.0-metadata.csv): only ViewPosition in `views`; split_csv
+    (mimic-cxr-2.0.0-split.csv) with split 'train' | 'validate' | 'test': only that official split."""
     root = Path(root)
-    files = root / "files" if (root / "files").is_dir() else root
-    keep_view = keep_split = None
+    keep = []  # the sets of dicom_ids an image must be in
     if metadata_csv:
-        keep_view = {r["dicom_id"] for r in _read_csv(metadata_csv, ("dicom_id", "ViewPosition"))
-                     if r["ViewPosition"] in views}
+        keep.append({r["dicom_id"] for r in _read_csv(metadata_csv, ("dicom_id", "ViewPosition"))
+                     if r["ViewPosition"] in views})
     if split_csv and split:
-        keep_split = {r["dicom_id"] for r in _read_csv(split_csv, ("dicom_id", "split")) if r["split"] == split}
+        keep.append({r["dicom_id"] for r in _read_csv(split_csv, ("dicom_id", "split")) if r["split"] == split})
     paths, reports, patients = [], [], []
-    for img in find_images(files):
-        p = Path(img)
-        study = p.parent
-        if not study.name.startswith("s"):
-            continue
-        if (keep_view is not None and p.stem not in keep_view) or (keep_split is not None and p.stem not in keep_split):
-            continue
-        txt = study.with_suffix(".txt")
-        if not txt.is_file():
-            continue
-        paths.append(img)
-        reports.append(txt.read_text(errors="replace"))
-        patients.append(study.parent.name)
+    for img in find_images(root / "files" if (root / "files").is_dir() else root):
+        study, txt = Path(img).parent, Path(img).parent.with_suffix(".txt")
+        if study.name.startswith("s") and all(Path(img).stem in k for k in keep) and txt.is_file():
+            paths.append(img)
+            reports.append(txt.read_text(errors="replace"))
+            patients.append(study.parent.name)
     if not paths:
         raise ValueError(f"{root}: no MIMIC-CXR image/report pairs found (expected files/pXX/pSUBJECT/sSTUDY/*.dcm|jpg "
                          "beside sSTUDY.txt)")
@@ -436,9 +342,8 @@ def mimic_cxr_pairs(root, metadata_csv=None, split_csv=None, split=None, views=(
 
 
 def csv_pairs(csv_path, image_col="path", report_col="report", root=None):
-    """Image-report pairs from a CSV: an image path column and a report column holding the
-    text itself or the path of a .txt file. Relative paths are read from `root` (default:
-    the CSV's folder). Returns (paths, reports, patient ids = paths)."""
+    """(paths, reports, patient ids = paths) from a CSV: an image path column and a report column holding the text
+    or the path of a .txt file; relative paths are read from `root` (default: the CSV's folder)."""
     rows = _read_csv(csv_path, (image_col, report_col))
     base = Path(root or Path(csv_path).parent)
     paths, reports = [], []
@@ -448,30 +353,23 @@ def csv_pairs(csv_path, image_col="path", report_col="report", root=None):
         if not rep:
             raise ValueError(f"{csv_path}, row {n}: the {report_col!r} cell is empty (no report for {r[image_col]})")
         if rep.endswith(".txt") and "\n" not in rep:  # a file name, never a report that ends in '.txt'
-            rp = base / rep
-            if not rp.is_file():
-                raise ValueError(f"{csv_path}, row {n}: report file not found: {rp}")
-            rep = rp.read_text(errors="replace")
+            if not (base / rep).is_file():
+                raise ValueError(f"{csv_path}, row {n}: report file not found: {base / rep}")
+            rep = (base / rep).read_text(errors="replace")
         reports.append(rep)
     return paths, reports, list(paths)
 
 
 def unlabelled_images(data, image_col="path"):
     """Paths for image-only pretraining: a folder tree, or a CSV with an image path column."""
-    data = str(data)
-    if data.endswith(".csv"):
-        base = Path(data).parent
-        return [str(base / r[image_col]) for r in _read_csv(data, (image_col,))]
+    if str(data).endswith(".csv"):
+        return [str(Path(data).parent / r[image_col]) for r in _read_csv(data, (image_col,))]
     return find_images(data)
 
 
 def read_rsna_labels(csv_path):
-    """RSNA Pneumonia `stage_2_train_labels.csv` -> {patientId: 0|1}.
-
-    The file has one row per box and several rows per positive patient (x, y, width,
-    height, Target); a patient is positive when any of its rows has Target 1. Images are
-    `{patientId}.dcm`.
-    """
+    """RSNA Pneumonia's stage_2_train_labels.csv -> {patientId: 0|1}: one row per box, so several per positive
+    patient, who is positive when any row has Target 1. The images are {patientId}.dcm."""
     labels = {}
     for r in _read_csv(csv_path, ("patientId", "Target")):
         t = int(float(r["Target"]))
@@ -488,15 +386,10 @@ CHEXPERT_5 = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural 
 
 
 def read_chexpert_labels(csv_path, policy="ones", observations=CHEXPERT_14, image_root=None):
-    """CheXpert `train.csv` or MIMIC-CXR's `mimic-cxr-2.0.0-chexpert.csv` -> (paths, labels, mask).
-
-    Values: 1 positive, 0 negative, -1 uncertain, blank not mentioned (-> 0). policy for -1:
-    'ones' -> 1, 'zeros' -> 0, 'ignore' -> 0 with mask 0 (leave it out of the loss).
-    CheXpert: the 'Path' column, relative to image_root (default: the CSV's parent folder).
-    MIMIC-CXR: the file is per study (subject_id, study_id); each image of
-    image_root/files/pXX/pSUBJECT/sSTUDY/ gets its study's labels.
-    labels and mask are float32 arrays of shape (n_images, len(observations)).
-    """
+    """CheXpert's train.csv or MIMIC-CXR's mimic-cxr-2.0.0-chexpert.csv -> (paths, labels, mask), float32 arrays
+    (images x observations). Values 1, 0, -1 (uncertain), blank (-> 0); policy for -1: 'ones' -> 1, 'zeros' -> 0,
+    'ignore' -> 0 with mask 0 (out of the loss). CheXpert: 'Path' relative to image_root (default: the CSV's
+    parent folder). MIMIC-CXR: per study (subject_id, study_id); every image of its study folder gets its labels."""
     if policy not in ("ones", "zeros", "ignore"):
         raise ValueError(f"uncertainty policy must be ones, zeros or ignore, got {policy!r}")
     rows = _read_csv(csv_path, tuple(observations))
@@ -505,28 +398,21 @@ def read_chexpert_labels(csv_path, policy="ones", observations=CHEXPERT_14, imag
     base = Path(image_root) if image_root else Path(csv_path).parent.parent
     paths, labels, mask = [], [], []
     for r in rows:
-        vals, m = [], []
-        for o in observations:
-            v = (r[o] or "").strip()
-            v = float(v) if v else 0.0
-            if v not in (1.0, 0.0, -1.0):
-                raise ValueError(f"{csv_path}: {o} must be 1, 0, -1 or blank, got {r[o]!r}")
-            if v == -1.0:
-                vals.append(1.0 if policy == "ones" else 0.0)
-                m.append(0.0 if policy == "ignore" else 1.0)
-            else:
-                vals.append(v)
-                m.append(1.0)
+        vals = [float(r[o].strip()) if (r[o] or "").strip() else 0.0 for o in observations]
+        bad = [o for o, v in zip(observations, vals) if v not in (1.0, 0.0, -1.0)]
+        if bad:
+            raise ValueError(f"{csv_path}: {bad[0]} must be 1, 0, -1 or blank, got {r[bad[0]]!r}")
+        m = [0.0 if v == -1 and policy == "ignore" else 1.0 for v in vals]
+        vals = [(1.0 if policy == "ones" else 0.0) if v == -1 else v for v in vals]
         if "Path" in r:
             images = [str(base / r["Path"])]
         else:
             sid = str(r["subject_id"])
             study = base / "files" / f"p{sid[:2]}" / f"p{sid}" / f"s{r['study_id']}"
             images = sorted(str(p) for p in study.glob("*") if p.suffix.lower() in IMAGE_EXTS) if study.is_dir() else []
-        for p in images:
-            paths.append(p)
-            labels.append(vals)
-            mask.append(m)
+        paths += images
+        labels += [vals] * len(images)
+        mask += [m] * len(images)
     if not paths:
         raise ValueError(f"{csv_path}: no labelled images found under {base}")
     return paths, np.asarray(labels, np.float32), np.asarray(mask, np.float32)
@@ -534,19 +420,13 @@ def read_chexpert_labels(csv_path, policy="ones", observations=CHEXPERT_14, imag
 
 HERLEV_CLASSES = ["normal_superficiel", "normal_intermediate", "normal_columnar", "light_dysplastic",
                   "moderate_dysplastic", "severe_dysplastic", "carcinoma_in_situ"]
-GROUPINGS = {
-    # Herlev's usual 2-class task: the three normal classes vs the four abnormal ones
-    "herlev-2class": {c: ("normal" if c.startswith("normal") else "abnormal") for c in HERLEV_CLASSES},
-}
+# Herlev's usual 2-class task: the three normal classes vs the four abnormal ones
+GROUPINGS = {"herlev-2class": {c: ("normal" if c.startswith("normal") else "abnormal") for c in HERLEV_CLASSES}}
 
 
 def read_class_folders(root, grouping=None):
-    """Class-folder layouts (Herlev, SIPaKMeD, LBC, any root/CLASS/**/image).
-
-    Returns (paths, labels, class names). grouping: None, a name in GROUPINGS
-    ('herlev-2class'), or a dict {folder name: group name}.
-    MURA-style folders (.../study1_positive/...) are read by read_mura instead.
-    """
+    """(paths, labels, class names) of a class-folder layout (Herlev, SIPaKMeD, LBC, any root/CLASS/**/image).
+    grouping: None, a name in GROUPINGS ('herlev-2class'), or a dict {folder name: group name}."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: data folder not found")
@@ -555,57 +435,35 @@ def read_class_folders(root, grouping=None):
         if grouping not in GROUPINGS:
             raise ValueError(f"unknown grouping {grouping!r}; known: {sorted(GROUPINGS)}")
         grouping = GROUPINGS[grouping]
-    if grouping:
-        unknown = [f for f in folders if f not in grouping]
-        if unknown:
-            raise ValueError(f"{root}: folders {unknown} are not in the grouping {sorted(grouping)}")
-    names = sorted(set(grouping[f] for f in folders)) if grouping else folders
+    if grouping and any(f not in grouping for f in folders):
+        raise ValueError(f"{root}: folders {[f for f in folders if f not in grouping]} are not in the grouping "
+                         f"{sorted(grouping)}")
+    group = grouping or {f: f for f in folders}
+    names = sorted(set(group[f] for f in folders))
     paths, labels = [], []
     for f in folders:
-        for p in find_images(root / f):
-            paths.append(p)
-            labels.append(names.index(grouping[f] if grouping else f))
+        found = find_images(root / f)
+        paths += found
+        labels += [names.index(group[f])] * len(found)
     if len(set(labels)) < 2:
         raise ValueError(f"{root}: needs at least two class folders, found {folders}")
     return paths, np.asarray(labels, np.int64), names
 
 
-def read_mura(root):
-    """MURA: root/XR_ELBOW/patient00011/study1_negative/image1.png -> (paths, labels, patient ids)."""
-    paths, labels, patients = [], [], []
-    for p in find_images(root):
-        study = Path(p).parent.name
-        if study.endswith("_positive") or study.endswith("_negative"):
-            paths.append(p)
-            labels.append(int(study.endswith("_positive")))
-            patients.append(Path(p).parent.parent.name)
-    if not paths:
-        raise ValueError(f"{root}: no MURA study folders (studyN_positive / studyN_negative) found")
-    return paths, np.asarray(labels, np.int64), patients
-
-
 def read_hicervix(csv_path, image_root, level=1, image_col="image_name"):
-    """HiCervix-style CSV with hierarchical columns level_1, level_2, level_3.
-
-    Rows whose chosen level is blank (the class has no finer label) are left out.
-    Returns (paths, labels, class names).
-    """
-    col = f"level_{level}"
-    rows = _read_csv(csv_path, (image_col, col))
-    rows = [r for r in rows if (r[col] or "").strip()]
-    names = sorted({r[col].strip() for r in rows})
-    paths = [str(Path(image_root) / r[image_col]) for r in rows]
-    return paths, np.asarray([names.index(r[col].strip()) for r in rows], np.int64), names
+    """HiCervix: read_label_csv on its hierarchical column level_{level} (1-3); rows with no label at that level
+    (the class has no finer one) are left out."""
+    return read_label_csv(csv_path, image_col, f"level_{level}", image_root)
 
 
 def read_label_csv(csv_path, path_col="path", label_col="label", root=None):
-    """Generic CSV: a path column and either one label column (class names or integers ->
-    multi-class) or several columns given as a list (0/1 each -> multi-label).
-    Returns (paths, labels, class names)."""
+    """(paths, labels, class names) of a CSV: a path column and one label column (class names or integers:
+    multi-class; a row with an empty cell has no label and is left out) or a list of columns (0/1: multi-label).
+    Relative paths are read from `root` (default: the CSV's folder)."""
     cols = [label_col] if isinstance(label_col, str) else list(label_col)
     rows = _read_csv(csv_path, [path_col] + cols)
-    base = Path(root or Path(csv_path).parent)
-    paths = [str(base / r[path_col]) for r in rows]
+    rows = rows if len(cols) > 1 else [r for r in rows if (r[label_col] or "").strip()]
+    paths = [str(Path(root or Path(csv_path).parent) / r[path_col]) for r in rows]
     if len(cols) > 1:
         return paths, np.asarray([[float(r[c] or 0) for c in cols] for r in rows], np.float32), cols
     values = [r[label_col].strip() for r in rows]
@@ -614,30 +472,22 @@ def read_label_csv(csv_path, path_col="path", label_col="label", root=None):
     return paths, np.asarray([names.index(v) for v in values], np.int64), names
 
 
-# ----------------------------------------------------------------------------------
-# Splits and label fractions
-# ----------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------- Splits and label fractions
 
 def patient_split(ids, fractions=(0.7, 0.15, 0.15), seed=0):
-    """Index arrays, one per fraction, with no patient in two of them.
-
-    Patients are shuffled with `seed` and dealt in turn to the split furthest below its
-    target share of images, so the image counts follow `fractions` as closely as the
-    patient sizes allow.
-    """
-    ids = [str(i) for i in ids]
+    """Index arrays, one per fraction, with no patient in two of them: the patients, shuffled with `seed`, are
+    dealt in turn to the split furthest below its share of images, so the counts follow `fractions`."""
     fr = np.asarray(fractions, np.float64)
     if (fr < 0).any() or not math.isclose(fr.sum(), 1.0, abs_tol=1e-6):
         raise ValueError(f"split fractions must be >= 0 and sum to 1, got {list(fractions)}")
     groups = {}
     for i, p in enumerate(ids):
-        groups.setdefault(p, []).append(i)
+        groups.setdefault(str(p), []).append(i)
     patients = sorted(groups)
-    rng = np.random.default_rng(seed)
-    rng.shuffle(patients)
-    out, counts, total = [[] for _ in fr], np.zeros(len(fr)), len(ids)
+    np.random.default_rng(seed).shuffle(patients)
+    out, counts = [[] for _ in fr], np.zeros(len(fr))
     for p in patients:
-        k = int(np.argmax(fr * total - counts))
+        k = int(np.argmax(fr * len(ids) - counts))
         out[k].extend(groups[p])
         counts[k] += len(groups[p])
     return [np.asarray(sorted(o), np.int64) for o in out]
@@ -648,7 +498,7 @@ EVAL_SPLIT = (0.6, 0.2, 0.2)
 
 def eval_split(ids):
     """finetune.py's (train, val, test) index arrays: 60 / 20 / 20 by patient, seed 0, the same for
-    every method; the demo's pretraining sets hold only the train part (see demo_images)."""
+    every method; the demo's pretraining sets hold only the train part (see demo.demo_images)."""
     return patient_split(ids, EVAL_SPLIT, seed=0)
 
 
@@ -664,37 +514,28 @@ def official_split(paths, split_csv):
 
 
 def label_fraction(labels, fraction, seed=0):
-    """Indices of a stratified, deterministic, nested subset holding `fraction` of the labels.
-
-    Multi-class (1-D labels): per class, a fixed seeded permutation and its first
-    max(1, round(fraction * n_class)) members; so the 1 % subset lies inside the 10 %
-    one for the same seed, and every class keeps at least one example.
-    Multi-label (2-D 0/1 labels): the first round(fraction * n) of one seeded permutation,
-    plus the first positive of every class in that order (nested for the same reason).
-    """
+    """Indices of a stratified, deterministic, nested subset holding `fraction` of the labels (the 1 % subset lies
+    inside the 10 % one for the same seed). Multi-class: per class, the first max(1, round(fraction n_class)) of a
+    seeded permutation. Multi-label: the first round(fraction n) of one permutation, plus each class's first
+    positive in that order."""
     if not 0 < fraction <= 1:
         raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
+    labels, rng = np.asarray(labels), np.random.default_rng(seed)
     if labels.ndim == 1:
         chosen = []
         for c in np.unique(labels):
             idx = np.flatnonzero(labels == c)
-            idx = idx[rng.permutation(len(idx))]
-            chosen.append(idx[:max(1, int(round(fraction * len(idx))))])
+            chosen.append(idx[rng.permutation(len(idx))][:max(1, int(round(fraction * len(idx))))])
         return np.sort(np.concatenate(chosen))
     order = rng.permutation(len(labels))
     chosen = set(order[:max(1, int(round(fraction * len(labels))))].tolist())
     for c in range(labels.shape[1]):
         pos = order[labels[order, c] > 0]
-        if len(pos):
-            chosen.add(int(pos[0]))
+        chosen.update(pos[:1].tolist())
     return np.asarray(sorted(chosen), np.int64)
 
 
-# ----------------------------------------------------------------------------------
-# Decode cache
-# ----------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------- Decode cache
 
 @contextlib.contextmanager
 def file_lock(path):
@@ -702,18 +543,24 @@ def file_lock(path):
     with open(path, "a+") as f:
         try:
             import fcntl
-        except ImportError:  # Windows
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except ImportError:  # Windows: msvcrt's LK_LOCK gives up after 10 s, so ask until the lock is ours
             import msvcrt
-
             while True:
                 try:
                     msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)
                     break
-                except OSError:  # LK_LOCK gives up after 10 s: keep waiting
+                except OSError:
                     pass
-        else:
-            fcntl.flock(f, fcntl.LOCK_EX)
         yield  # closing the file releases the lock
+
+
+def atomic_write_text(path, text):
+    """Write a whole file or nothing: a temporary file beside it, then one rename."""
+    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=Path(path).name + ".")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def default_cache_dir():
@@ -731,11 +578,9 @@ def _decode_one(job):
 class DecodeCache:
     """Decoded, resized images in one on-disk numpy memmap, shared by epochs, runs and workers.
 
-    Layout: ROOT/{size}px-{channels}ch-{dtype}/pixels.bin (slots of C x size x size) and
-    index.json {key: slot}, key = absolute path | file size | mtime_ns. A file that changes
-    gets a new key, so it is decoded again into a new slot (the stale slot is left unused).
-    Writers take an exclusive lock on the folder, so DDP ranks and concurrent runs can
-    share one cache; readers only map the file.
+    ROOT/{size}px-{channels}ch-{dtype}/pixels.bin holds slots of C x size x size; index.json maps
+    key = absolute path | file size | mtime_ns to a slot, so a file that changes is decoded again into a new slot.
+    Writers hold a lock on the folder (torchrun ranks and concurrent runs share one cache); readers only map it.
     """
 
     def __init__(self, root, size, channels, dtype="uint8"):
@@ -745,80 +590,47 @@ class DecodeCache:
         self.scale = float(np.iinfo(self.dtype).max)
         self.dir = Path(root) / f"{size}px-{channels}ch-{dtype}"
         self.data_path, self.index_path = self.dir / "pixels.bin", self.dir / "index.json"
-        self.shape = (channels, size, size)
-        self._mm = None
-        self.hits = self.misses = 0
+        self.shape, self._mm, self.hits, self.misses = (channels, size, size), None, 0, 0
 
     @staticmethod
     def key(path):
         st = os.stat(path)
         return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
 
-    def _load_index(self):
-        if self.index_path.is_file():
-            return json.loads(self.index_path.read_text())
-        return {"slots": {}, "bad": {}}
-
     def build(self, paths, workers=0, progress=False):
-        """Slot per path (-1 for an unreadable file) and {path: reason} of unreadable ones.
-
-        Decodes only what the index lacks; a file that fails is remembered (with its key) so
-        it is not retried on every run.
-        """
+        """(slot per path, -1 when unreadable; {path: reason} of the unreadable ones). Decodes only what the index
+        lacks; a file that fails is remembered with its key, so it is not retried on every run."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        keys = []
-        for p in paths:
-            if not os.path.isfile(p):
-                keys.append(None)
-            else:
-                keys.append(self.key(p))
+        keys = [self.key(p) if os.path.isfile(p) else None for p in paths]
         with file_lock(self.dir / "lock"):
-            index = self._load_index()
+            index = json.loads(self.index_path.read_text()) if self.index_path.is_file() else {"slots": {}, "bad": {}}
             known = index["slots"].keys() | index["bad"].keys()
             todo = sorted({(k, p) for k, p in zip(keys, paths) if k and k not in known})
             self.misses, self.hits = len(todo), len(paths) - len(todo)
             if todo:
                 jobs = [(p, self.size, self.channels) for _, p in todo]
-                if workers > 1:
-                    import multiprocessing as mp
-
-                    # spawn, not fork: a forked child of a process that already ran torch's
-                    # OpenMP kernels can deadlock in them
-                    pool = mp.get_context("spawn").Pool(workers, initializer=torch.set_num_threads, initargs=(1,))
-                    results = pool.imap(_decode_one, jobs, chunksize=8)
-                else:
-                    pool, results = None, map(_decode_one, jobs)
+                spawn = multiprocessing.get_context("spawn")  # not fork: a fork of torch's OpenMP threads can deadlock
+                pool = spawn.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) if workers > 1 else None
+                results = pool.imap(_decode_one, jobs, chunksize=8) if pool else map(_decode_one, jobs)
                 slot_bytes = self.dtype.itemsize * int(np.prod(self.shape))
                 nslots = self.data_path.stat().st_size // slot_bytes if self.data_path.is_file() else 0
-                bar = tqdm(total=len(jobs), desc="decoding into cache", disable=not progress, leave=False)
                 try:
                     with open(self.data_path, "ab") as out:
-                        for (k, p), (arr, err) in zip(todo, results):
+                        for (k, p), (arr, err) in tqdm(zip(todo, results), total=len(jobs), desc="decoding into cache",
+                                                       disable=not progress, leave=False):
                             if err:
                                 index["bad"][k] = err
                             else:
                                 out.write(np.rint(arr * self.scale).astype(self.dtype).tobytes())
-                                index["slots"][k] = nslots
-                                nslots += 1
-                            bar.update(1)
+                                index["slots"][k], nslots = nslots, nslots + 1
                 finally:
-                    bar.close()
                     if pool:
                         pool.close()
-                    # written even after an interruption, so what was decoded is not lost
-                    atomic_write_text(self.index_path, json.dumps(index))
-        slots, bad = [], {}
-        for k, p in zip(keys, paths):
-            if k is None:
-                slots.append(-1)
-                bad[p] = f"{p}: file not found"
-            elif k in index["bad"]:
-                slots.append(-1)
-                bad[p] = index["bad"][k]
-            else:
-                slots.append(index["slots"][k])
+                    atomic_write_text(self.index_path, json.dumps(index))  # even after an interruption
         self._mm = None
-        return slots, bad
+        bad = {p: f"{p}: file not found" if k is None else index["bad"][k]
+               for k, p in zip(keys, paths) if k is None or k in index["bad"]}
+        return [index["slots"].get(k, -1) if k else -1 for k in keys], bad
 
     def read(self, slot, uint8=False):
         """The slot as a float C x S x S tensor in [0, 1], or (uint8=True, a uint8 cache) as stored."""
@@ -830,38 +642,24 @@ class DecodeCache:
         return torch.from_numpy(np.asarray(self._mm[slot], dtype=np.float32) / self.scale)
 
     def __getstate__(self):  # a memmap is not sent to worker processes; each opens its own
-        d = dict(self.__dict__)
-        d["_mm"] = None
-        return d
-
-
-def atomic_write_text(path, text):
-    """Write a whole file or nothing: a temporary file beside it, then one rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+        return {**self.__dict__, "_mm": None}
 
 
 class ImageDataset(torch.utils.data.Dataset):
     """Images (+ targets) -> (transform(image), target_transform(target)).
 
-    The image is read as a float C x size x size tensor in [0, 1] (C = channels), from the
-    decode cache when `cache_dir` is given (built here, before any DataLoader worker
-    starts) or decoded on the fly. targets: labels, report texts, or None (-> the index).
-    skip_bad: False -> an unreadable file raises BadImageError naming it; True -> it is
-    skipped, counted, and listed by report_skipped() (the scripts call it each epoch).
-    uint8: images come as stored in a uint8 cache (decoded on the fly: quantised the same way), a
-    quarter of the bytes through the DataLoader; BatchAugment makes them float on the device.
+    An image is a float C x size x size tensor in [0, 1], read from the decode cache when `cache_dir` is given
+    (built here, before any DataLoader worker starts) or decoded on the fly; targets: labels, report texts, or
+    None (-> the index). skip_bad: False -> an unreadable file raises BadImageError naming it; True -> it is
+    skipped and listed by report_skipped(). uint8: images as a uint8 cache stores them (a quarter of the bytes
+    through the DataLoader; BatchAugment makes them float on the device).
     """
 
     def __init__(self, paths, targets=None, transform=None, target_transform=None, size=224, channels=1,
                  cache_dir=None, cache_dtype="uint8", skip_bad=False, workers=0, progress=False, uint8=False):
         if len(paths) == 0:
             raise ValueError("the data set is empty: no images were found")
-        self.paths, self.size, self.channels = list(map(str, paths)), size, channels
-        self.targets = targets
+        self.paths, self.size, self.channels, self.targets = list(map(str, paths)), size, channels, targets
         self.transform, self.target_transform, self.skip_bad = transform, target_transform, skip_bad
         self.cache, self.skipped, self.uint8 = None, {}, uint8
         self.index = np.arange(len(self.paths))
@@ -869,9 +667,8 @@ class ImageDataset(torch.utils.data.Dataset):
             self.cache = DecodeCache(cache_dir, size, channels, cache_dtype)
             self.slots, bad = self.cache.build(self.paths, workers=workers, progress=progress)
             if bad and not skip_bad:
-                first = next(iter(bad.values()))
                 more = f" (and {len(bad) - 1} more unreadable files; --skip-bad skips them)" if len(bad) > 1 else ""
-                raise BadImageError(first + more)
+                raise BadImageError(next(iter(bad.values())) + more)
             self.skipped = bad
             self.index = np.asarray([i for i, s in enumerate(self.slots) if s >= 0], np.int64)
             if len(self.index) == 0:
@@ -907,25 +704,20 @@ class ImageDataset(torch.utils.data.Dataset):
                                 f"{next(iter(self.skipped.values()))}")
         j = int(self.index[i])
         t = self.targets[j] if self.targets is not None else j
-        if self.target_transform is not None:
-            t = self.target_transform(t)
+        t = self.target_transform(t) if self.target_transform is not None else t
         return (self.transform(img) if self.transform else img), t
 
     def report_skipped(self):
         """The skipped files, one line each (printed once per epoch by the scripts)."""
-        if not self.skipped:
-            return ""
-        return f"skipped {len(self.skipped)} unreadable file(s):\n" + "\n".join(f"  {v}" for v in self.skipped.values())
+        lines = [f"skipped {len(self.skipped)} unreadable file(s):"] + [f"  {v}" for v in self.skipped.values()]
+        return "\n".join(lines) if self.skipped else ""
 
 
-# ----------------------------------------------------------------------------------
-# Per-image transforms (run in the DataLoader workers)
-# ----------------------------------------------------------------------------------
+# ------------------------------------------------------------- Per-image transforms (run in the DataLoader workers)
 
 class CLAHE(torch.nn.Module):
-    """Contrast-limited adaptive histogram equalisation (scikit-image's equalize_adapthist), on one
-    C x H x W image, float in [0, 1] or uint8 (returned as it came). Deterministic: the scripts run it
-    in the DataLoader workers, before the batched augmentation."""
+    """Contrast-limited adaptive histogram equalisation (scikit-image's equalize_adapthist) of one C x H x W image,
+    float in [0, 1] or uint8 (returned as it came); deterministic, run in the workers before BatchAugment."""
 
     def __init__(self, clip_limit=0.01):
         super().__init__()
@@ -937,8 +729,8 @@ class CLAHE(torch.nn.Module):
 
     def forward(self, x):
         a = x.permute(1, 2, 0).numpy().astype(np.float64) / (255 if x.dtype == torch.uint8 else 1)
-        a = self.fn(a[..., 0] if a.shape[2] == 1 else a, clip_limit=self.clip_limit)
-        t = torch.from_numpy(np.asarray(a, np.float32))
+        t = torch.from_numpy(np.asarray(self.fn(a[..., 0] if a.shape[2] == 1 else a, clip_limit=self.clip_limit),
+                                        np.float32))
         t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
         return (t * 255).round().to(torch.uint8) if x.dtype == torch.uint8 else t
 
@@ -949,8 +741,7 @@ class ToRGBNormalized(torch.nn.Module):
     def forward(self, x):  # one C x H x W image or a B x C x H x W batch
         x = x.expand(*x.shape[:-3], 3, *x.shape[-2:]) if x.shape[-3] == 1 else x
         mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device)[:, None, None]
-        std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device)[:, None, None]
-        return (x - mean) / std
+        return (x - mean) / torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device)[:, None, None]
 
 
 def eval_transform(size):
@@ -958,25 +749,22 @@ def eval_transform(size):
     return T.Compose([T.Resize(size, antialias=True), ToRGBNormalized()])
 
 
-# ----------------------------------------------------------------------------------
-# Batched augmentation: the presets on a whole batch, on its own device
-# ----------------------------------------------------------------------------------
+# -------------------------------------------- Batched augmentation: the presets on a whole batch, on its own device
 
 PRESETS = ["xray", "xray-chessboard", "cytology-A", "cytology-B", "cytology-C", "cytology-D", "cytology-E", "simclr"]
 
 
 def train_side(size):
-    """The side pretraining images are cached at: 8/7 of the crop's (256 for 224), so a random crop
-    of most of the image is taken from more pixels than it ends with, not upsampled."""
+    """The side pretraining images are cached at: 8/7 of the crop's (256 for 224), so a crop is not upsampled."""
     return -(-size * 8 // 7)
 
 
 def epoch_generator(device, seed, epoch, rank=0):
-    """The augmentation's torch.Generator for one epoch of one process: a function of (seed, epoch,
-    rank) alone, so a run resumed at an epoch draws what the uninterrupted run drew, and every
-    process of a torchrun job draws its own."""
+    """The augmentation's generator for one epoch of one process, a function of (seed, epoch, rank) alone: a
+    resumed run draws what the uninterrupted one drew, and every torchrun process draws its own."""
     mixed = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0]) >> 1
     return torch.Generator(device=device).manual_seed(mixed)
+
 
 def _rand(g, *shape):
     return torch.rand(shape, generator=g, device=g.device)
@@ -1013,8 +801,7 @@ def _gray(x):
 
 
 def _blur(x, sigma, k):
-    """Each image blurred with its own sigma (torchvision's kernel, reflect padding): a separable,
-    grouped convolution, two passes for the whole batch."""
+    """Each image blurred with its own sigma (torchvision's kernel, reflect padding): two grouped 1-D passes."""
     b, c, hgt, wid = x.shape
     t = torch.arange(k, device=x.device, dtype=x.dtype) - (k - 1) / 2
     ker = torch.exp(-0.5 * (t[None] / sigma[:, None].to(x.dtype)) ** 2)
@@ -1027,8 +814,8 @@ def _blur(x, sigma, k):
 def _hue_shift(x, shift):
     """RGB -> HSV, hue + shift (mod 1), -> RGB, per image."""
     r, g, b = x.unbind(1)
-    mx, mn = x.max(1).values, x.min(1).values
-    d = mx - mn
+    mx = x.max(1).values
+    d = mx - x.min(1).values
     dd = d.clamp(min=1e-12)
     h = torch.where(mx == r, ((g - b) / dd) % 6, torch.where(mx == g, (b - r) / dd + 2, (r - g) / dd + 4)) / 6
     h = (torch.where(d > 0, h, torch.zeros_like(h)) + shift.reshape(-1, 1, 1)) % 1.0
@@ -1039,10 +826,9 @@ def _hue_shift(x, shift):
 
 
 def _subset(mask, fn, x, where=False):
-    """fn(x[idx], idx) for the images where mask holds, the others as they are. where=False: the subset
-    is gathered and written back into x in place (a batch of our own), so each image pays only for the
-    operations it gets (the CPU's way). where=True: fn runs on every image and the mask picks, with
-    no host sync, so the CPU keeps queueing work ahead of a GPU, for which elementwise work is cheap."""
+    """fn(x[idx], idx) for the images where mask holds, the others as they are. where=False: the subset is
+    gathered and written back in place, so each image pays only for its operations (the CPU's way); True: fn runs
+    on every image and the mask picks, with no host sync, so the CPU keeps queueing work ahead of a GPU."""
     if where:
         return torch.where(_per_image(mask), fn(x, slice(None)), x)
     idx = mask.nonzero().squeeze(1)
@@ -1077,29 +863,23 @@ def jitter_images(x, factors, order, where=False):
 
 
 class BatchAugment:
-    """The augmentation presets on a whole batch on its own device, each image with its own random
-    parameters, all drawn by `sample` from one torch.Generator (seeded by seed, epoch and rank: a
-    resumed run draws the same) and applied by `apply`. One resampling per image: crop, flips,
-    rotation or affine and the elastic field composed into one sampling grid, one grid_sample; then
-    the intensity operations. Input B x C x S x S, uint8 or float in [0, 1] (S: train_side(size), a
-    little above `size`, so that the crop does not upsample); output B x 3 x size x size,
-    ImageNet-normalised. Presets (`PRESETS`, and ConVIRT's own):
-      xray        the X-ray augmentation study's rotation (+-10 deg, p 0.5), Gaussian blur (p 0.3) and
-                  random erasing (p 0.3), without its flip (laterality matters), plus a resized crop
-                  (0.6-1) and brightness/contrast jitter (+-30 %, `jitter`; RESULTS.md): without it
-                  two views share their exposure, the easiest thing to agree on
-      xray-chessboard  xray + the study's chessboard mask (p 0.3, a 2-8 cell grid). Opt-in: at 64 px
-                  it hides half the image, often the finding (RESULTS.md)
-      cytology-A  random crop (0.5-1) + horizontal/vertical flip (the cytology study's baseline)
+    """The augmentation presets on a whole batch on its own device, each image with its own parameters, drawn by
+    `sample` from one generator (epoch_generator: a resumed run draws the same) and applied by `apply`: crop,
+    flips, rotation or affine and the elastic field composed into one grid_sample, then the intensity operations.
+    Input B x C x S x S, uint8 or float in [0, 1] (S = train_side(size)); output B x 3 x size x size, ImageNet-
+    normalised. Each operation draws as torchvision's transform of that name does (tests hold them to it).
+      xray        the X-ray augmentation study's rotation (+-10 deg, p 0.5), blur (p 0.3) and erasing (p 0.3),
+                  without its flip (laterality matters), + crop 0.6-1 and brightness/contrast jitter (`jitter`)
+      xray-chessboard  xray + the study's chessboard mask (p 0.3, 2-8 cells); opt-in: at 64 px it hides findings
+      cytology-A  crop 0.5-1 + horizontal/vertical flip (the cytology study's baseline)
       cytology-B  A + colour jitter (0.4, 0.4, 0.4, 0.1; p 0.8) + histogram equalisation (p 0.3)
       cytology-C  A + soft elastic deformation (alpha 20, sigma 6; p 0.7)
-      cytology-D  A + Gaussian blur (p 0.5) + speckle noise x (1 + sigma n), sigma 0.05-0.2 (p 0.5)
-      cytology-E  A + resolution: blur or sharpen (factor 3), one of the two
-      simclr      the SimCLR recipe: crop 0.08-1, flip, colour jitter 0.8 (p 0.8), grayscale 0.2, blur 0.5
-      convirt     ConVIRT's: crop 0.6-1, affine +-20 deg / shift 0.1 / scale 0.95-1.05, brightness and
-                  contrast 0.6-1.4, Gaussian blur sigma 0.1-3 (at 224 px, scaled with the side); no
-                  flip unless hflip (reports name sides)
-    Each operation draws as torchvision's transform of the same name does (tests hold them to it).
+      cytology-D  A + blur (p 0.5) + speckle noise x (1 + sigma n), sigma 0.05-0.2 (p 0.5)
+      cytology-E  A + blur or sharpen (factor 3), one of the two
+      simclr      SimCLR's: crop 0.08-1, flip, colour jitter 0.8 (p 0.8), grayscale (p 0.2), blur (p 0.5)
+      convirt     ConVIRT's: crop 0.6-1, affine +-20 deg / shift 0.1 / scale 0.95-1.05, brightness and contrast
+                  0.6-1.4, blur sigma 0.1-3 at 224 px (scaled with the side); no flip unless hflip
+    Why each choice: RESULTS.md.
     """
 
     def __init__(self, preset, size, channels=1, jitter=0.3, hflip=False):
@@ -1209,9 +989,7 @@ class BatchAugment:
         x = ToRGBNormalized()(x)
         return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x  # the encoders' fastest layout
 
-# ----------------------------------------------------------------------------------
-# Run mechanics: the same in every script, nothing of any method
-# ----------------------------------------------------------------------------------
+# --------------------------------------------------- Run mechanics: the same in every script, nothing of any method
 # The scripts keep what teaches their method (model, loss, the all-gather that gives the loss its global batch,
 # optimiser, schedule, the training step); what follows they all do alike.
 
@@ -1285,10 +1063,9 @@ def encoder_from_checkpoint(path, arch):
 
 
 def pretraining_images(args, run):
-    """The image-only scripts' data set: the demo's train split or --data, read by the workers as uint8 images
-    cached a little larger than the crop (rank 0 builds the cache first); with no --aug, the preset is chosen
-    from the images (grayscale or DICOM: xray; colour: cytology-A) and said."""
-    paths = demo_images(args.demo) if args.data is None else unlabelled_images(args.data, args.image_col)
+    """The image-only scripts' data set (the demo's train split or --data) as uint8 images cached a little larger
+    than the crop, rank 0 first; with no --aug, the preset is chosen from the images (preset_for) and said."""
+    paths = unlabelled_images(args.data, args.image_col) if args.data else _demo().demo_images(args.demo)
     if args.aug is None:
         args.aug = preset_for(paths)
         args.channels = args.channels or (3 if args.aug.startswith("cytology") else 1)
@@ -1318,23 +1095,23 @@ class ResumableSampler(torch.utils.data.distributed.DistributedSampler):
 
 
 class Run:
-    """One training run: process group and device, seeds, run folder and JSON log, checkpoints (atomic, CPU
-    tensors; at each epoch's end, every --save-every steps, at --max-steps and at the next step after
-    SIGTERM or SIGINT), exact resume from any of them, the NaN guard."""
+    """One training run: process group and device, seeds, run folder and JSON log, checkpoints (atomic, CPU tensors;
+    at each epoch's end, every --save-every steps, at --max-steps and at the next step after SIGTERM or SIGINT),
+    exact resume from any of them, the NaN guard."""
 
     def __init__(self, args, name):
         self.args, a = args, args
-        cuda = a.device.startswith("cuda") or (a.device == "auto" and torch.cuda.is_available())
+        self.cuda = a.device.startswith("cuda") or (a.device == "auto" and torch.cuda.is_available())
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         if "RANK" in os.environ:  # torchrun: NCCL between GPUs, gloo between CPU processes
-            torch.distributed.init_process_group("nccl" if cuda else "gloo")
+            torch.distributed.init_process_group("nccl" if self.cuda else "gloo")
         local = os.environ.get("LOCAL_RANK")
         self.device = torch.device((f"cuda:{local}" if local else "cuda" if a.device == "auto" else a.device)
-                                   if cuda else "cpu")
-        if cuda:
+                                   if self.cuda else "cpu")
+        if self.cuda:
             torch.cuda.set_device(self.device)
-        self.cuda, self.master = cuda, self.rank == 0
-        self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+        self.master = self.rank == 0
+        self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
         if a.batch_size % self.world:
             raise SystemExit(f"--batch-size {a.batch_size} must be divisible by the number of processes ({self.world})")
         self.local_batch = a.batch_size // self.world
@@ -1345,14 +1122,13 @@ class Run:
             torch.backends.cudnn.benchmark = False
         self.out = Path(a.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.ckpt_path = self.out / "checkpoint.pt"
-        if self.ckpt_path.exists() and not a.resume:
-            raise SystemExit(f"{self.out} already holds a checkpoint: pass --resume to continue it, or choose "
-                             "another --out")
-        if a.resume and not self.ckpt_path.exists():
-            raise SystemExit(f"--resume: no checkpoint at {self.ckpt_path}")
+        if self.ckpt_path.exists() != bool(a.resume):
+            raise SystemExit(f"--resume: no checkpoint at {self.ckpt_path}" if a.resume else f"{self.out} already "
+                             "holds a checkpoint: pass --resume to continue it, or choose another --out")
         self.state = load_checkpoint(self.ckpt_path) if a.resume else None  # what the script rebuilds from
         self.step = self.epoch = self.epoch_step = 0
-        self.epoch_done, self.stopped, self.warned, self.signal, self.log_file = True, False, False, None, None
+        self.epoch_done, self.stopped, self.warned, self.signal, self.log_file, self.handlers = \
+            True, False, False, None, None, {}
 
     @contextlib.contextmanager
     def rank0_first(self):
@@ -1416,7 +1192,6 @@ class Run:
                 (self.out / "args.json").write_text(json.dumps(vars(self.args), indent=1))
             self.log_file = open(self.out / "log.jsonl", "a")
             print(f"{summary}, {self.world} process(es) on {self.device}, run folder {self.out}")
-        self.handlers = {}
         if threading.current_thread() is threading.main_thread():  # a preempted job saves, then stops
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.handlers[sig] = signal.signal(sig, lambda n, _: setattr(self, "signal", signal.Signals(n).name))
@@ -1514,7 +1289,8 @@ class Run:
         return self.mean(self.loss_sum) / max(self.epoch_step, 1)
 
     def save(self):
-        """The checkpoint, written atomically by rank 0: the entries, the run's place, the random states."""
+        """The checkpoint, written atomically by rank 0 with CPU tensors (it loads on any machine): the entries, the
+        run's place, the random states."""
         self.check_finite()
         if self.master:
             rng = {"torch": torch.get_rng_state(), "views": self.rng.get_state(),
@@ -1522,14 +1298,14 @@ class Run:
             state = {k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in self.entries.items()}
             state.update(epoch=self.epoch, step=self.step, epoch_step=self.epoch_step, epoch_done=self.epoch_done,
                          loss_sum=self.loss_sum, rng=rng, args=vars(self.args))
-            torch.save(to_cpu(state), f"{self.ckpt_path}.tmp")  # CPU tensors: it loads on any machine
+            torch.save(to_cpu(state), f"{self.ckpt_path}.tmp")
             os.replace(f"{self.ckpt_path}.tmp", self.ckpt_path)  # a crash mid-write leaves the last one intact
             if self.dataset.skipped and self.epoch_done:
                 print(self.dataset.report_skipped(), file=sys.stderr)
 
     def finish(self):
         """Close the log, give the signal handlers back, leave the process group."""
-        for sig, handler in getattr(self, "handlers", {}).items():
+        for sig, handler in self.handlers.items():
             signal.signal(sig, handler)
         self.handlers = {}
         if self.log_file is not None:
@@ -1540,22 +1316,25 @@ class Run:
 
 
 def to_cpu(obj):
-    """The same nesting of dicts and lists with every tensor on the CPU."""
-    if torch.is_tensor(obj):
-        return obj.detach().cpu()
-    if isinstance(obj, (dict, list, tuple)):
-        items = [(k, to_cpu(v)) for k, v in (obj.items() if isinstance(obj, dict) else enumerate(obj))]
-        return dict(items) if isinstance(obj, dict) else type(obj)(v for _, v in items)
-    return obj
+    """The same nesting of dicts, lists and tuples with every tensor on the CPU."""
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj.detach().cpu() if torch.is_tensor(obj) else obj
+
+
+KNN_K, KNN_T = 20, 0.07  # the weighted kNN of InstDisc (Wu et al. 2018), solo-learn and DINO
 
 
 class KNNMonitor:
     """The image-only scripts' kNN monitor: frozen features of a labelled set (the demo's without finetune.py's
-    test patients), half its patients the bank, half the queries; top-1 accuracy of a k-neighbour vote."""
+    test patients), half its patients the bank, half the queries; top-1 accuracy of the weighted kNN."""
 
     def __init__(self, args, run):
         if args.eval_data == "demo":
-            paths, labels, _, ids = demo_labelled("cytology" if args.demo == "cytology" else "rsna", without_test=True)
+            task = "cytology" if args.demo == "cytology" else "rsna"
+            paths, labels, _, ids = _demo().demo_labelled(task, without_test=True)
         else:
             read = read_label_csv if args.eval_data.endswith(".csv") else read_class_folders
             paths, labels, _ = read(args.eval_data)
@@ -1582,116 +1361,35 @@ class KNNMonitor:
 
 
 @torch.no_grad()
-def knn_accuracy(train_f, train_y, test_f, test_y, k=10):
-    """Top-1 accuracy of a k-nearest-neighbour majority vote (cosine similarity) on frozen features."""
-    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
-    idx = (test_f @ train_f.T).topk(min(k, len(train_f)), dim=1).indices
-    votes = F.one_hot(train_y[idx], int(train_y.max()) + 1).sum(1)
-    return float((votes.argmax(1) == test_y).float().mean())
+def knn_predict(bank, targets, queries, k=KNN_K, t=KNN_T):
+    """The weighted kNN's scores: each query's k most cosine-similar bank features (k capped at the bank's size) vote
+    with weight exp(s / t) for their targets (n_bank x C: one-hot classes, or 0/1 labels), summed and divided by
+    the total weight: (n_queries x C), each row a distribution over the classes for one-hot targets."""
+    s, idx = (F.normalize(queries.float(), dim=1) @ F.normalize(bank.float(), dim=1).T).topk(min(k, len(bank)), dim=1)
+    w = ((s - s[:, :1]) / t).exp()  # exp(s / t) up to a per-query factor that cancels: no overflow
+    return (w[..., None] * targets.float()[idx]).sum(1) / w.sum(1, keepdim=True)
 
 
-# ----------------------------------------------------------------------------------
-# The demo data set (written by demo.py on first use)
-# ----------------------------------------------------------------------------------
-
-DEMO_VERSION = 3  # 2: 600 RSNA-style images, RSNA and cytology on their own random streams; 3: a MIMIC test split
-
-
-def demo_root(size=128):
-    """The demo data set's folder, written on first use: $MEDSSL_DEMO_DIR, else ~/.cache/medssl/demo-v{N}-{size}px."""
-    base = os.environ.get("MEDSSL_DEMO_DIR") or os.path.join(default_cache_dir(), f"demo-v{DEMO_VERSION}-{size}px")
-    root = Path(base)
-    if (root / "summary.json").is_file():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(str(root) + ".lock"):  # several processes (torchrun ranks) may ask at once
-        if not (root / "summary.json").is_file():
-            import demo  # the generator: only needed once, so only imported here
-
-            print(f"building the demo data set in {root} (once) ...", file=sys.stderr)
-            tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=root.name + ".tmp"))
-            demo.make_demo(tmp, size=size, quiet=True)
-            if root.exists():
-                import shutil
-
-                shutil.rmtree(root)
-            os.replace(tmp, root)
-    return root
+def knn_accuracy(bank, bank_y, queries, query_y, k=KNN_K, t=KNN_T):
+    """Top-1 accuracy of the weighted kNN on frozen features, class labels 0..C-1."""
+    votes = knn_predict(bank, F.one_hot(bank_y, int(max(bank_y.max(), query_y.max())) + 1), queries, k, t)
+    return float((votes.argmax(1) == query_y).float().mean())
 
 
-def demo_pairs(size=128, split="train"):
-    """(paths, reports, patient ids) of the demo image-report set's official-style split: 'train' (192
-    studies: what the demo pretrains on), 'validate' (48: ConVIRT's held-out retrieval set, on which the
-    demo defaults were chosen), 'test' (80: scored only), or None for all 320."""
-    root = demo_root(size) / "mimic"
-    return mimic_cxr_pairs(root, split_csv=root / "mimic-cxr-2.0.0-split.csv" if split else None, split=split)
+# --------------------------------------------------- The demo data set: demo.py, imported only when it is asked for
+
+def __getattr__(name):
+    """data.demo_root, demo_pairs, demo_images, demo_labelled (PEP 562): they live in demo.py with the generator,
+    which someone training on their own data never loads."""
+    if name.startswith("demo_") or name == "DEMO_VERSION":
+        return getattr(_demo(), name)
+    raise AttributeError(f"module 'data' has no attribute {name!r}")
 
 
-def demo_images(kind="xray", size=128):
-    """Paths of the demo images the pretraining scripts use: 'xray' (the MIMIC-style DICOMs) or
-    'cytology'. Only each evaluation's train split: no image of a patient that finetune.py validates
-    or tests on is ever pretrained on."""
-    if kind == "xray":
-        return demo_pairs(size, "train")[0]
-    if kind == "cytology":
-        paths, _, _, ids = demo_labelled("cytology", size)
-        return [paths[i] for i in eval_split(ids)[0]]
-    raise ValueError(f"unknown demo set {kind!r}: choose xray or cytology")
-
-
-def demo_labelled(task, size=128, without_test=False):
-    """(paths, labels, class names, patient ids) of a demo classification task:
-    'rsna' (pneumonia yes/no), 'cytology' (7 Herlev classes), 'cytology-2class'.
-    without_test: leave out finetune.py's test patients (for monitors, which must not see them)."""
-    root = demo_root(size)
-    if task == "rsna":
-        labels = read_rsna_labels(root / "rsna" / "stage_2_train_labels.csv")
-        ids = sorted(labels)
-        paths = [str(root / "rsna" / "stage_2_train_images" / f"{i}.dcm") for i in ids]
-        out = paths, np.asarray([labels[i] for i in ids], np.int64), ["no pneumonia", "pneumonia"], ids
-    elif task in ("cytology", "cytology-2class"):
-        grouping = "herlev-2class" if task.endswith("2class") else None
-        paths, labels, names = read_class_folders(root / "cytology", grouping)
-        out = paths, labels, names, paths
-    else:
-        raise ValueError(f"unknown demo task {task!r}: choose rsna, cytology or cytology-2class")
-    if without_test:
-        keep = np.sort(np.concatenate(eval_split(out[3])[:2]))
-        out = [out[0][i] for i in keep], out[1][keep], out[2], [out[3][i] for i in keep]
-    return out
-
-
-# ----------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="medssl data tools")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="write the built-in demo data set")
-    d.add_argument("out", help="output folder")
-    d.add_argument("--size", type=int, default=128, help="image side in pixels")
-    d.add_argument("--seed", type=int, default=0, help="random seed (the data set is deterministic given it)")
-    d.add_argument("--studies", type=int, default=0,
-                   help="instead of the built-in demo, this many MIMIC-style image-report studies (for GPU work; "
-                        "e.g. 4096 at --size 256), with a train/validate split CSV")
-    d.add_argument("--workers", type=int, default=0, help="with --studies: processes (0: all cores)")
-    b = sub.add_parser("bench-cache", help="images/s: decoding DICOM directly vs from the decode cache")
-    b.add_argument("--n", type=int, default=40, help="number of DICOMs written for the benchmark")
-    b.add_argument("--size", type=int, default=224, help="target size")
-    b.add_argument("--source-size", type=int, default=2048, help="side of the DICOMs (MIMIC-CXR's are ~2500-3000)")
-    b.add_argument("--workers", type=int, default=0, help="processes that build the cache")
-    a = p.parse_args(argv)
+def _demo():
     import demo
-
-    if a.cmd == "demo" and a.studies:
-        demo.make_pairs_demo(a.out, a.studies, size=a.size, seed=a.seed, workers=a.workers or None)
-    elif a.cmd == "demo":
-        demo.make_demo(a.out, size=a.size, seed=a.seed)
-    else:
-        print(json.dumps(demo.bench_cache(a.n, a.size, a.source_size, a.workers)))
+    return demo
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python data.py demo ... | bench-cache
+    _demo().main()

@@ -9,11 +9,13 @@ Only data.py imports this file, and only when the demo data are needed (`data.de
     python data.py demo /tmp/pairs --studies 4096 --size 256  # a larger image-report set for GPU work
     python data.py bench-cache                             # images/s: decoding full-size DICOM vs the cache
 """
+import argparse
 import csv
 import hashlib
 import json
 import os
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,8 +24,77 @@ import numpy as np
 import torch
 import torchvision.transforms.v2 as T
 
-from data import (CHEXPERT_14, DEMO_VERSION, HERLEV_CLASSES, ImageDataset, fit_square, load_image,
-                  patient_split)
+from data import (CHEXPERT_14, HERLEV_CLASSES, ImageDataset, default_cache_dir, eval_split, file_lock, fit_square,
+                  load_image, mimic_cxr_pairs, patient_split, read_class_folders, read_rsna_labels)
+
+# ----------------------------------------------------------------------------------
+# The demo data set's accessors (data.demo_root, ... reach them through data.__getattr__)
+# ----------------------------------------------------------------------------------
+
+DEMO_VERSION = 3  # 2: 600 RSNA-style images, RSNA and cytology on their own random streams; 3: a MIMIC test split
+
+
+def demo_root(size=128):
+    """The demo data set's folder, written on first use: $MEDSSL_DEMO_DIR, else ~/.cache/medssl/demo-v{N}-{size}px."""
+    base = os.environ.get("MEDSSL_DEMO_DIR") or os.path.join(default_cache_dir(), f"demo-v{DEMO_VERSION}-{size}px")
+    root = Path(base)
+    if (root / "summary.json").is_file():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(str(root) + ".lock"):  # several processes (torchrun ranks) may ask at once
+        if not (root / "summary.json").is_file():
+            print(f"building the demo data set in {root} (once) ...", file=sys.stderr)
+            tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=root.name + ".tmp"))
+            make_demo(tmp, size=size, quiet=True)
+            if root.exists():
+                import shutil
+
+                shutil.rmtree(root)
+            os.replace(tmp, root)
+    return root
+
+
+def demo_pairs(size=128, split="train"):
+    """(paths, reports, patient ids) of the demo image-report set's official-style split: 'train' (192
+    studies: what the demo pretrains on), 'validate' (48: ConVIRT's held-out retrieval set, on which the
+    demo defaults were chosen), 'test' (80: scored only), or None for all 320."""
+    root = demo_root(size) / "mimic"
+    return mimic_cxr_pairs(root, split_csv=root / "mimic-cxr-2.0.0-split.csv" if split else None, split=split)
+
+
+def demo_images(kind="xray", size=128):
+    """Paths of the demo images the pretraining scripts use: 'xray' (the MIMIC-style DICOMs) or
+    'cytology'. Only each evaluation's train split: no image of a patient that finetune.py validates
+    or tests on is ever pretrained on."""
+    if kind == "xray":
+        return demo_pairs(size, "train")[0]
+    if kind == "cytology":
+        paths, _, _, ids = demo_labelled("cytology", size)
+        return [paths[i] for i in eval_split(ids)[0]]
+    raise ValueError(f"unknown demo set {kind!r}: choose xray or cytology")
+
+
+def demo_labelled(task, size=128, without_test=False):
+    """(paths, labels, class names, patient ids) of a demo classification task:
+    'rsna' (pneumonia yes/no), 'cytology' (7 Herlev classes), 'cytology-2class'.
+    without_test: leave out finetune.py's test patients (for monitors, which must not see them)."""
+    root = demo_root(size)
+    if task == "rsna":
+        labels = read_rsna_labels(root / "rsna" / "stage_2_train_labels.csv")
+        ids = sorted(labels)
+        paths = [str(root / "rsna" / "stage_2_train_images" / f"{i}.dcm") for i in ids]
+        out = paths, np.asarray([labels[i] for i in ids], np.int64), ["no pneumonia", "pneumonia"], ids
+    elif task in ("cytology", "cytology-2class"):
+        grouping = "herlev-2class" if task.endswith("2class") else None
+        paths, labels, names = read_class_folders(root / "cytology", grouping)
+        out = paths, labels, names, paths
+    else:
+        raise ValueError(f"unknown demo task {task!r}: choose rsna, cytology or cytology-2class")
+    if without_test:
+        keep = np.sort(np.concatenate(eval_split(out[3])[:2]))
+        out = [out[0][i] for i in keep], out[1][keep], out[2], [out[3][i] for i in keep]
+    return out
+
 
 LOBES = {  # (centre u, centre v) in the phantom's [-1, 1] frame; the patient's right is the image's left
     "right upper lobe": (-0.38, -0.32), "right middle lobe": (-0.36, 0.08), "right lower lobe": (-0.40, 0.34),
@@ -497,3 +568,32 @@ def bench_cache(n=40, size=224, source_size=2048, workers=0):
             "direct_decode_per_s": round(direct, 1), "cache_build_per_s": round(build, 1),
             "cached_read_per_s": round(cached, 1)}
 
+
+# ----------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="medssl data tools")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="write the built-in demo data set")
+    d.add_argument("out", help="output folder")
+    d.add_argument("--size", type=int, default=128, help="image side in pixels")
+    d.add_argument("--seed", type=int, default=0, help="random seed (the data set is deterministic given it)")
+    d.add_argument("--studies", type=int, default=0,
+                   help="instead of the built-in demo, this many MIMIC-style image-report studies (for GPU work; "
+                        "e.g. 4096 at --size 256), with a train/validate split CSV")
+    d.add_argument("--workers", type=int, default=0, help="with --studies: processes (0: all cores)")
+    b = sub.add_parser("bench-cache", help="images/s: decoding DICOM directly vs from the decode cache")
+    b.add_argument("--n", type=int, default=40, help="number of DICOMs written for the benchmark")
+    b.add_argument("--size", type=int, default=224, help="target size")
+    b.add_argument("--source-size", type=int, default=2048, help="side of the DICOMs (MIMIC-CXR's are ~2500-3000)")
+    b.add_argument("--workers", type=int, default=0, help="processes that build the cache")
+    a = p.parse_args(argv)
+    if a.cmd == "demo" and a.studies:
+        make_pairs_demo(a.out, a.studies, size=a.size, seed=a.seed, workers=a.workers or None)
+    elif a.cmd == "demo":
+        make_demo(a.out, size=a.size, seed=a.seed)
+    else:
+        print(json.dumps(bench_cache(a.n, a.size, a.source_size, a.workers)))

@@ -1,9 +1,13 @@
 """finetune.py: turn pretrained encoders into the studies' comparison tables.
 
-Linear probing (frozen encoder, features extracted once, logistic regression with C chosen on the
-validation split) and full fine-tuning (AdamW, warm-up + cosine, early stopping on validation AUC) at
-several label fractions and seeds; AUC and F1 (threshold chosen on validation), accuracy, confusion
-matrices; ROC and AUC-vs-fraction figures; optional t-SNE + clustering of the embeddings and Grad-CAM.
+Linear probing (frozen features, logistic regression with C chosen on val) and fine-tuning (AdamW, warm-up +
+cosine, early stopping on val AUC) at several label fractions and seeds: AUC, F1 at a threshold chosen on val,
+accuracy, confusion matrices, 95 % bootstrap intervals; ROC and AUC-vs-fraction figures; t-SNE, clustering and
+Grad-CAM on request. Checkpoints come from convirt.py, simclr.py, byol.py and barlow.py (their `encoder` entry).
+Splits are by patient (60 / 20 / 20, seed 0, the same for every method; MIMIC's official one with --split-csv);
+test is scored once per cell, after every choice was made on val; --score val scores val and never reads test.
+split.json lists each split's patients and each label fraction's images with a sha256 (--split FILE reuses
+them); results.json is written cell by cell, so --resume skips what is done.
 
     python finetune.py --ckpt runs/convirt-sigmoid-X/checkpoint.pt --init random   # demo pneumonia task
     python finetune.py --task folder --ckpt barlow=runs/barlow-X/checkpoint.pt --ckpt agbt=runs/agbt-X/checkpoint.pt \
@@ -11,20 +15,12 @@ matrices; ROC and AUC-vs-fraction figures; optional t-SNE + clustering of the em
     python finetune.py --task rsna --data /data/rsna --ckpt convirt=ck.pt --init imagenet --arch resnet50 \
         --size 224 --fractions 0.01 0.1 1.0 --seeds 0 1 2
     python finetune.py --task chexpert --data /data/CheXpert-v1.0/train.csv --observations 5 --uncertainty ignore ...
-
-Checkpoints come from convirt.py, simclr.py, byol.py and barlow.py: their `encoder` entry is the image
-encoder under torchvision's key names. Splits are patient-level (train / val / test = 60 / 20 / 20 %,
-split seed 0, the same for every method; MIMIC's official split with --split-csv); the test split is
-used once per cell, after model selection on val, and each test metric gets a 95 % bootstrap
-interval. split.json records the patients of each split and the images of each label fraction with
-their sha256; --split FILE scores on exactly those. --score val scores the val split instead (the
-train split split again for the probe's choices) and never reads test: for choosing settings.
-Each finished cell is written to results.json at once, so a crash loses nothing and --resume skips
-what is done (a checkpoint re-trained since, same name and path, is evaluated again).
 """
 import argparse
 import contextlib
+import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -46,8 +42,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", action="append", default=[], help="pretrained checkpoint, PATH or NAME=PATH (repeatable)")
-    p.add_argument("--init", action="append", default=[], choices=["imagenet", "random"],
-                   help="a supervised baseline row (repeatable)")
+    p.add_argument("--init", action="append", default=[], choices=["imagenet", "random"], help="a baseline row")
     p.add_argument("--arch", default="resnet18",
                    choices=["resnet18", "resnet50", "densenet121", "efficientnet_b0", "vit_b_16"],
                    help="encoder (vit_b_16 needs --size 224)")
@@ -61,8 +56,7 @@ def get_args(argv=None):
     p.add_argument("--observations", default="14", choices=["14", "5"], help="chexpert: all 14 or the 5 competition")
     p.add_argument("--uncertainty", default="ones", choices=["ones", "zeros", "ignore"], help="chexpert: -1 labels")
     p.add_argument("--mode", nargs="+", default=["linear"], choices=["linear", "finetune"], help="protocols")
-    p.add_argument("--head", default="sklearn", choices=["sklearn", "torch"],
-                   help="linear probe: logistic regression or a torch layer")
+    p.add_argument("--head", default="sklearn", choices=["sklearn", "torch"], help="linear probe: sklearn or torch")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0], help="label fractions of train")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; each cell is mean +- std over them")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default 224; 64 on the demo data)")
@@ -72,8 +66,7 @@ def get_args(argv=None):
     p.add_argument("--patience", type=int, default=3, help="fine-tuning: epochs without val AUC gain before stopping")
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (the new head: 10x)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="fine-tuning weight decay")
-    p.add_argument("--embed", action="store_true", help="t-SNE, K-means / DBSCAN scores, the features' effective rank "
-                   "and class-similarity heat maps")
+    p.add_argument("--embed", action="store_true", help="t-SNE, clustering scores, effective rank, class similarity")
     p.add_argument("--gradcam", type=int, default=0, help="Grad-CAM overlays for N test images per class")
     p.add_argument("--cache-dir", default=data.default_cache_dir(), help="decode cache folder; '' decodes on the fly")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
@@ -81,17 +74,12 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", default=None, help="output folder (default runs/finetune-TIME)")
     p.add_argument("--resume", action="store_true", help="skip the cells already in --out/results.json")
-    p.add_argument("--split", default=None,
-                   help="split.json of an earlier run: the same patients per split and the same images per label "
-                        "fraction (default: 60/20/20 by patient, seed 0; MIMIC's official split with --split-csv)")
-    p.add_argument("--split-csv", default=None,
-                   help="chexpert task: MIMIC-CXR's mimic-cxr-2.0.0-split.csv (train / validate / test), so no patient "
-                        "that convirt.py pretrained on is tested on (the demo CheXpert task uses its own)")
-    p.add_argument("--bootstrap", type=int, default=1000,
-                   help="resamples of the test split for each metric's 95 %% interval (0: none)")
-    p.add_argument("--score", default="test", choices=["test", "val"],
-                   help="test: the final table. val: for choosing settings; the train split is split again 80/20 by "
-                        "patient for the probe's own choices, val is scored, and the test split is never read")
+    p.add_argument("--split", default=None, help="split.json of an earlier run: the same patients and label subsets")
+    p.add_argument("--split-csv", default=None, help="chexpert: MIMIC-CXR's mimic-cxr-2.0.0-split.csv, so no patient "
+                   "convirt.py pretrained on is tested on")
+    p.add_argument("--bootstrap", type=int, default=1000, help="resamples for each metric's 95 %% interval (0: none)")
+    p.add_argument("--score", default="test", choices=["test", "val"], help="test: the final table; val: for "
+                   "choosing settings (train split again 80/20 for the probe's choices; test never read)")
     args = p.parse_args(argv)
     args.size = args.size if args.size is not None else (224 if args.data else 64)
     if not args.ckpt and not args.init:
@@ -136,48 +124,37 @@ def best_f1_threshold(y, s):
     return float(thr[np.argmax(f1[:-1])])
 
 
-def metrics(kind, y, s, thresholds=None, mask=None):
-    """AUC (macro; per class), F1 (thresholded scores for binary / multi-label, argmax and macro for
-    multi-class), accuracy. kind: binary (s: n), multiclass (s: n x K probabilities), multilabel
-    (s, y: n x K; mask 0 leaves an entry out). A class with one label value only in y has no AUC:
-    it is reported as None and left out of the macro mean (never a crash later)."""
-    from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
-
+def _columns(kind, y, s, thresholds, mask):
+    """Per class (true, score, predicted), the form every metric reads: a binary task is one column, a multi-class
+    one one-vs-rest with the argmax as prediction, a multi-label one each observation where its mask is 1."""
     if kind == "binary":
-        t = 0.5 if thresholds is None else thresholds
-        auc = float(roc_auc_score(y, s)) if len(np.unique(y)) == 2 else None
-        pred = (s >= t).astype(int)
-        return {"auc": auc, "f1": float(f1_score(y, pred, zero_division=0)), "acc": float(accuracy_score(y, pred)),
-                "per_class_auc": [auc], "threshold": float(t)}
+        return [(y > 0, s, s >= thresholds)]
     if kind == "multiclass":
-        per = []
-        for c in range(s.shape[1]):
-            yc = (y == c).astype(int)
-            per.append(float(roc_auc_score(yc, s[:, c])) if 0 < yc.sum() < len(yc) else None)
-        pred = s.argmax(1)
-        valid = [a for a in per if a is not None]
-        return {"auc": float(np.mean(valid)) if valid else None,
-                "f1": float(f1_score(y, pred, average="macro", zero_division=0)),
-                "acc": float(accuracy_score(y, pred)), "per_class_auc": per, "threshold": "argmax"}
-    mask = np.ones_like(y) if mask is None else mask
-    t = np.full(y.shape[1], 0.5) if thresholds is None else np.asarray(thresholds)
-    per, f1s, accs = [], [], []
-    for c in range(y.shape[1]):
-        m = mask[:, c] > 0
-        yc, sc = y[m, c], s[m, c]
-        per.append(float(roc_auc_score(yc, sc)) if len(np.unique(yc)) == 2 else None)
-        pc = (sc >= t[c]).astype(int)
-        f1s.append(float(f1_score(yc, pc, zero_division=0)) if len(yc) else 0.0)
-        accs.append(float(accuracy_score(yc, pc)) if len(yc) else 0.0)
+        return [(y == c, s[:, c], s.argmax(1) == c) for c in range(s.shape[1])]
+    keep = [np.ones(len(y), bool) if mask is None else mask[:, c] > 0 for c in range(y.shape[1])]
+    return [(y[m, c] > 0, s[m, c], s[m, c] >= thresholds[c]) for c, m in enumerate(keep)]
+
+
+def metrics(kind, y, s, thresholds=None, mask=None):
+    """AUC (macro; per class), F1 (at the thresholds for binary / multi-label, macro over the argmax for
+    multi-class), accuracy. kind: binary (s: n), multiclass (s: n x K probabilities), multilabel (s, y: n x K;
+    mask 0 leaves an entry out). A class with one label value only has no AUC: None, left out of the mean."""
+    if thresholds is None:
+        thresholds = 0.5 if kind == "binary" else "argmax" if kind == "multiclass" else [0.5] * y.shape[1]
+    cols = _columns(kind, y, s, thresholds, mask)
+    per = [rank_auc(yc, sc) for yc, sc, _ in cols]
     valid = [a for a in per if a is not None]
-    return {"auc": float(np.mean(valid)) if valid else None, "f1": float(np.mean(f1s)), "acc": float(np.mean(accs)),
-            "per_class_auc": per, "threshold": [float(x) for x in t]}
+    acc = np.mean(s.argmax(1) == y) if kind == "multiclass" else np.mean([np.mean(yc == p) if len(yc) else 0.0
+                                                                         for yc, _, p in cols])
+    return {"auc": float(np.mean(valid)) if valid else None, "f1": float(np.mean([_f1(yc, p) for yc, _, p in cols])),
+            "acc": float(acc), "per_class_auc": per,
+            "threshold": [float(t) for t in thresholds] if kind == "multilabel" else
+            thresholds if kind == "multiclass" else float(thresholds)}
 
 
 def rank_auc(y, s):
-    """ROC AUC as the Mann-Whitney statistic with tied scores sharing their mean rank (what
-    sklearn's roc_auc_score gives), fast enough for a thousand bootstrap resamples; None without
-    both labels."""
+    """ROC AUC as the Mann-Whitney statistic, tied scores sharing their mean rank (sklearn's roc_auc_score),
+    fast enough for a thousand bootstrap resamples; None without both labels."""
     n_pos = int(y.sum())
     n_neg = len(y) - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -191,30 +168,12 @@ def bootstrap(kind, y, s, thresholds, mask=None, n=1000, seed=0):
     """AUC and F1 of n resamples (with replacement) of the scored images, the metrics() definitions at
     fixed thresholds. The resamples depend only on (seed, number of images), so every cell of a table
     shares them, and an interval over seeds pairs them resample by resample."""
-    rng = np.random.default_rng(seed)
-    mask = None if mask is None else np.asarray(mask)
-    aucs, f1s = [], []
+    rng, aucs, f1s = np.random.default_rng(seed), [], []
     for _ in range(n):
         i = rng.integers(0, len(y), len(y))
-        yb, sb = y[i], s[i]
-        if kind == "binary":
-            pred = sb >= thresholds
-            per_auc = [rank_auc(yb, sb)]
-            per_f1 = [_f1(yb > 0, pred)]
-        elif kind == "multiclass":
-            pred = sb.argmax(1)
-            per_auc = [rank_auc((yb == c).astype(int), sb[:, c]) for c in range(sb.shape[1])]
-            per_f1 = [_f1(yb == c, pred == c) for c in range(sb.shape[1])]
-        else:
-            mb = np.ones_like(yb) if mask is None else mask[i]
-            per_auc, per_f1 = [], []
-            for c in range(yb.shape[1]):
-                m = mb[:, c] > 0
-                per_auc.append(rank_auc(yb[m, c], sb[m, c]))
-                per_f1.append(_f1(yb[m, c] > 0, sb[m, c] >= thresholds[c]))
-        valid = [a for a in per_auc if a is not None]
-        aucs.append(float(np.mean(valid)) if valid else None)
-        f1s.append(float(np.mean(per_f1)))
+        m = metrics(kind, y[i], s[i], thresholds, None if mask is None else np.asarray(mask)[i])
+        aucs.append(m["auc"])
+        f1s.append(m["f1"])
     return aucs, f1s
 
 
@@ -234,32 +193,27 @@ def interval(boots):
 
 
 def choose_thresholds(kind, y, s, mask=None):
-    if kind == "binary":
-        return best_f1_threshold(y, s)
+    """The F1-maximising thresholds on val: one (binary) or one per observation (multi-label); argmax otherwise."""
     if kind == "multilabel":
-        mask = np.ones_like(y) if mask is None else mask
-        return [best_f1_threshold(y[mask[:, c] > 0, c], s[mask[:, c] > 0, c]) for c in range(y.shape[1])]
-    return None
+        keep = np.ones_like(y) if mask is None else mask
+        return [best_f1_threshold(y[keep[:, c] > 0, c], s[keep[:, c] > 0, c]) for c in range(y.shape[1])]
+    return best_f1_threshold(y, s) if kind == "binary" else "argmax"
 
 
-def confusion(kind, y, s, thresholds):
+def confusion(kind, y, s, thresholds, mask=None):
     """Confusion matrices: one K x K (multi-class) or one 2 x 2 per class (binary, multi-label)."""
     from sklearn.metrics import confusion_matrix
 
     if kind == "multiclass":
         return [confusion_matrix(y, s.argmax(1), labels=list(range(s.shape[1]))).tolist()]
-    if kind == "binary":
-        return [confusion_matrix(y, (s >= thresholds).astype(int), labels=[0, 1]).tolist()]
-    return [confusion_matrix(y[:, c], (s[:, c] >= thresholds[c]).astype(int), labels=[0, 1]).tolist()
-            for c in range(y.shape[1])]
+    cols = _columns(kind, y, s, thresholds, mask)
+    return [confusion_matrix(yc, p, labels=[False, True]).tolist() for yc, _, p in cols]
 
 
 def summarize(values):
     """'mean +- std' over seeds ('-' when no value), two decimals."""
     v = [x for x in values if x is not None]
-    if not v:
-        return "-"
-    return f"{np.mean(v):.2f}" if len(v) == 1 else f"{np.mean(v):.2f}±{np.std(v):.2f}"
+    return "-" if not v else f"{np.mean(v):.2f}" if len(v) == 1 else f"{np.mean(v):.2f}±{np.std(v):.2f}"
 
 
 def results_table(cells, methods, fractions):
@@ -454,8 +408,7 @@ def make_split(args, paths, ids, labels, kind):
                 unknown = [k for k in listed[f"{f:g}/{seed}"] if k not in position]
                 if unknown:
                     raise ValueError(f"{args.split}: label fraction {f:g} seed {seed} names {len(unknown)} image(s) "
-                                     "outside "
-                                     f"the train split, e.g. {unknown[0]!r}")
+                                     f"outside the train split, e.g. {unknown[0]!r}")
                 fractions[(f, seed)] = np.asarray(sorted(position[k] for k in listed[f"{f:g}/{seed}"]), np.int64)
             else:
                 y_tr = labels[tr] if kind != "multilabel" else (labels[tr] > 0)
@@ -483,49 +436,39 @@ def extract(encoder, loader, device, amp):
 
 
 def fit_linear(kind, ftr, ytr, mtr, fva, yva, mva, seed, head):
-    """A linear classifier on frozen features; C (inverse L2 strength) chosen on val AUC.
+    """A linear classifier on frozen features, its L2 strength chosen on val AUC (the first best).
     Returns (scores function, torch Linear equivalent for Grad-CAM)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     scaler = StandardScaler().fit(ftr)
     xtr, xva = scaler.transform(ftr), scaler.transform(fva)
+    val_auc = lambda score: metrics(kind, yva, score(xva), mask=mva)["auc"] or 0  # noqa: E731
     if head == "torch" or kind == "multilabel":
         k = ytr.shape[1] if kind == "multilabel" else (1 if kind == "binary" else int(ytr.max()) + 1)
-        best = None
-        for wd in (1e-4, 1e-3, 1e-2):
+        X, Y = torch.as_tensor(xtr, dtype=torch.float32), torch.as_tensor(ytr)
+        M = torch.as_tensor(mtr if mtr is not None else np.ones((len(xtr), max(k, 1))), dtype=torch.float32)
+
+        def train(wd):
             torch.manual_seed(seed)
             lin = nn.Linear(xtr.shape[1], k)
             opt = torch.optim.AdamW(lin.parameters(), lr=1e-2, weight_decay=wd)
-            X, Y = torch.as_tensor(xtr, dtype=torch.float32), torch.as_tensor(ytr)
-            M = torch.as_tensor(mtr if mtr is not None else np.ones((len(xtr), max(k, 1))), dtype=torch.float32)
             for _ in range(300):
                 opt.zero_grad()
                 task_loss(lin(X), Y, M, kind).backward()
                 opt.step()
-            score = _score_torch(lin, kind)
-            auc = metrics(kind, yva, score(xva), mask=mva)["auc"] or 0
-            if best is None or auc > best[0]:
-                best = (auc, lin)
-        lin = best[1]
+            return lin
+
+        lin = max((train(wd) for wd in (1e-4, 1e-3, 1e-2)), key=lambda lin: val_auc(_score_torch(lin, kind)))
         return (lambda f: _score_torch(lin, kind)(scaler.transform(f))), _fold(lin, scaler)
-    best = None
-    for c in (0.01, 0.1, 1.0, 10.0):
-        clf = LogisticRegression(C=c, max_iter=3000, random_state=seed).fit(xtr, ytr)
-        s = clf.predict_proba(xva)
-        auc = metrics(kind, yva, s[:, 1] if kind == "binary" else s)["auc"] or 0
-        if best is None or auc > best[0]:
-            best = (auc, clf)
-    clf = best[1]
+    proba = lambda clf, x: clf.predict_proba(x)[:, 1] if kind == "binary" else clf.predict_proba(x)  # noqa: E731
+    clf = max((LogisticRegression(C=c, max_iter=3000, random_state=seed).fit(xtr, ytr) for c in (0.01, 0.1, 1.0, 10.0)),
+              key=lambda clf: val_auc(lambda x: proba(clf, x)))
     lin = nn.Linear(xtr.shape[1], clf.coef_.shape[0])
     with torch.no_grad():
         lin.weight.copy_(torch.as_tensor(clf.coef_))
         lin.bias.copy_(torch.as_tensor(clf.intercept_))
-    def score(f):
-        s = clf.predict_proba(scaler.transform(f))
-        return s[:, 1] if kind == "binary" else s
-
-    return score, _fold(lin, scaler)
+    return (lambda f: proba(clf, scaler.transform(f))), _fold(lin, scaler)
 
 
 def task_loss(out, y, m, kind):
@@ -545,10 +488,7 @@ def probabilities(out, kind):
 
 
 def _score_torch(lin, kind):
-    def score(x):
-        with torch.no_grad():
-            return probabilities(lin(torch.as_tensor(x, dtype=torch.float32)), kind)
-    return score
+    return lambda x: probabilities(lin(torch.as_tensor(x, dtype=torch.float32)).detach(), kind)
 
 
 def _fold(lin, scaler):
@@ -637,9 +577,8 @@ def main(argv=None):
     tr, va, te, fraction_sets, split_record = make_split(args, paths, ids, labels, kind)
     atomic_json(split_record, out / "split.json")
     for split, idx in (("train", tr), ("val", va), ("test", te)):
-        y = labels[idx]
-        if kind != "multilabel" and len(np.unique(y)) < len(names):
-            missing = sorted(set(range(len(names))) - set(np.unique(y).tolist()))
+        missing = [] if kind == "multilabel" else sorted(set(range(len(names))) - set(labels[idx].tolist()))
+        if missing:
             raise ValueError(f"the {split} split has no example of class(es) {[names[c] for c in missing]}")
     mask_all = mask if mask is not None else (np.ones_like(labels, dtype=np.float32) if kind == "multilabel" else None)
     ds = data.ImageDataset(paths, None, data.eval_transform(args.size), size=args.size, channels=channels,
@@ -712,7 +651,7 @@ def main(argv=None):
                         m["auc_ci"], m["f1_ci"] = interval([m["auc_boot"]]), interval([m["f1_boot"]])
                     m.update(method=name, source=source_of[name], scored=args.score, mode=mode, fraction=f, seed=seed,
                              n_train=int(len(sub)),
-                             confusion=confusion(kind, labels[te], s_te, thr))
+                             confusion=confusion(kind, labels[te], s_te, thr, pick(mask_all, te)))
                     results.append(m)
                     atomic_json(results, out / "results.json")  # each finished cell is safe at once
                     print(f"  {name:>12} {mode:>8} {f:>5g} seed {seed}: F1 {m['f1']:.3f}  AUC "
@@ -727,10 +666,8 @@ def main(argv=None):
 
     methods = [r[0] for r in rows]
     table = results_table(results, methods, args.fractions)
-    tmp = out / "results.md.tmp"
-    tmp.write_text(f"# {args.task}: {len(names)} classes, {args.score} n = {len(te)}, split sha256 "
-                   f"{split_record['sha256'][:16]} (split.json)\n\n{table}")
-    os.replace(tmp, out / "results.md")
+    data.atomic_write_text(out / "results.md", f"# {args.task}: {len(names)} classes, {args.score} n = {len(te)}, "
+                           f"split sha256 {split_record['sha256'][:16]} (split.json)\n\n{table}")
     write_csv(results, out / "results.csv")
     print("\n" + table)
     figures(results, curves, labels[te], pick(mask_all, te), names, kind, args.fractions, out)
@@ -740,24 +677,32 @@ def main(argv=None):
 
 
 def write_csv(results, path):
-    import csv
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, ["method", "mode", "fraction", "seed", "n_train", "auc", "f1", "acc", "auc_ci", "f1_ci"],
+                       extrasaction="ignore")
+    w.writeheader()
+    w.writerows(results)
+    data.atomic_write_text(path, buf.getvalue())
 
-    keys = ["method", "mode", "fraction", "seed", "n_train", "auc", "f1", "acc", "auc_ci", "f1_ci"]
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, keys, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(results)
-    os.replace(tmp, path)
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no screen needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path, dpi=120):
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
 
 
 def figures(results, curves, y, mask, names, kind, fractions, out):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.metrics import roc_curve
 
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     for mode in sorted({c["mode"] for c in results}):
         for m in dict.fromkeys(c["method"] for c in results):
@@ -766,15 +711,11 @@ def figures(results, curves, y, mask, names, kind, fractions, out):
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{m} ({mode})")
     ax.set(xscale="log", xlabel="label fraction", ylabel="test AUC", title="AUC against label fraction")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "auc_vs_fraction.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "auc_vs_fraction.png")
     fig, ax = plt.subplots(figsize=(5, 4))
     for (m, mode), (s, _) in curves.items():
-        if kind == "binary":
-            yy, ss = y, s
-        else:
-            yy, ss = (np.eye(len(names))[y].ravel(), s.ravel()) if kind == "multiclass" else (y[mask > 0], s[mask > 0])
+        yy, ss = ((y, s) if kind == "binary" else (np.eye(len(names))[y].ravel(), s.ravel()) if kind == "multiclass"
+                  else (y[mask > 0], s[mask > 0]))  # several classes: the micro-average
         if len(np.unique(yy)) == 2:
             fpr, tpr, _ = roc_curve(yy, ss)
             ax.plot(fpr, tpr, label=f"{m} ({mode})")
@@ -782,9 +723,7 @@ def figures(results, curves, y, mask, names, kind, fractions, out):
     ax.set(xlabel="false positive rate", ylabel="true positive rate",
            title="ROC, 100 % labels" + ("" if kind == "binary" else " (micro-average)"))
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "roc.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "roc.png")
     last = [c for c in results if c["fraction"] == max(fractions)]
     for c in last[:8]:
         mats = c["confusion"]
@@ -800,18 +739,13 @@ def figures(results, curves, y, mask, names, kind, fractions, out):
             a.set(title=f"{what}{c['method']} ({c['mode']}), {c['fraction']:.0%} of the labels", xlabel="predicted",
                   ylabel="true")
             a.title.set_fontsize(8)
-        fig.tight_layout()
-        fig.savefig(out / f"confusion-{c['method']}-{c['mode']}-seed{c['seed']}.png", dpi=100)
-        plt.close(fig)
+        save_figure(fig, out / f"confusion-{c['method']}-{c['mode']}-seed{c['seed']}.png", 100)
 
 
 def embed_figures(f, y, names, method, out, kind):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.manifold import TSNE
 
+    plt = pyplot()
     if kind == "multilabel":
         y = y.argmax(1)  # colour by the first positive observation
     emb = TSNE(n_components=2, perplexity=max(2, min(30, len(f) // 4)), random_state=0, init="pca").fit_transform(f)
@@ -820,9 +754,7 @@ def embed_figures(f, y, names, method, out, kind):
         ax.scatter(emb[y == c, 0], emb[y == c, 1], s=8, label=names[c] if c < len(names) else str(c))
     ax.set(title=f"t-SNE of test features: {method}")
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out / f"tsne-{method}.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / f"tsne-{method}.png")
     fn = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
     means = np.stack([fn[y == c].mean(0) for c in np.unique(y)])
     means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
@@ -830,9 +762,7 @@ def embed_figures(f, y, names, method, out, kind):
     im = ax.imshow(means @ means.T, cmap="viridis")
     ax.set(title="cosine between class means")
     fig.colorbar(im)
-    fig.tight_layout()
-    fig.savefig(out / f"class-similarity-{method}.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / f"class-similarity-{method}.png")
     scores = cluster_scores(f, y)
     scores["effective_rank"] = effective_rank(f)
     print(f"  {method}: K-means NMI {scores['kmeans']['nmi']:.3f} ARI {scores['kmeans']['ari']:.3f}; "
@@ -841,11 +771,7 @@ def embed_figures(f, y, names, method, out, kind):
 
 
 def gradcam_figures(curves, ds, te, labels, names, kind, n, out, device):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     y = labels[te] if kind != "multilabel" else labels[te].argmax(1)
     for (m, mode), (_, net) in curves.items():
         net = net.to(device).eval()
@@ -864,9 +790,7 @@ def gradcam_figures(curves, ds, te, labels, names, kind, n, out, device):
             a.imshow(cam.numpy(), cmap="jet", alpha=0.4)
             a.set_title(f"label {names[int(t)]}\npred {names[int(p)]}", fontsize=6)
             a.axis("off")
-        fig.tight_layout()
-        fig.savefig(out / f"gradcam-{m}-{mode}.png", dpi=120)
-        plt.close(fig)
+        save_figure(fig, out / f"gradcam-{m}-{mode}.png")
 
 
 if __name__ == "__main__":

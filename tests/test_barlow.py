@@ -1,6 +1,7 @@
 """barlow.py: the cytology study's worked example, an independent formulation, invariances, AGBT,
 DDP equivalence, and the script end to end."""
 import json
+import math
 
 import pytest
 import torch
@@ -77,6 +78,23 @@ def test_shared_attention_is_symmetric_and_gradients_reach_k():
     p1, p2, a1, a2 = model(x1, x2)
     barlow.agbt_loss(p1, p2, a1, a2)[0].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.attention.parameters())
+
+
+def test_weighted_knn_golden():
+    # The weighted kNN of InstDisc, solo-learn and DINO: votes exp(s / T), T = 0.07. Query q = (1, 0); the bank
+    # holds one class-0 feature at cosine 0.99 and two class-1 features at cosine 0.5. A majority vote of the k = 3
+    # says class 1; the weights (scaled by exp(-0.99 / T), which cancels) are exp(0) = 1 and exp(-0.49 / 0.07) =
+    # exp(-7) = 0.000912 each, so class 0 scores 1 / (1 + 2 x 0.000912) = 0.99818 and class 1 0.00182.
+    bank = torch.tensor([[0.99, math.sqrt(1 - 0.99 ** 2)], [0.5, math.sqrt(0.75)], [0.5, -math.sqrt(0.75)]])
+    scores = data.knn_predict(bank, torch.eye(2)[[0, 1, 1]], torch.tensor([[1.0, 0.0]]), k=3)
+    assert scores[0].tolist() == pytest.approx([0.99818, 0.00182], abs=2e-5)
+    assert data.knn_accuracy(bank, torch.tensor([0, 1, 1]), torch.tensor([[2.0, 0.0]]), torch.tensor([0]), k=3) == 1.0
+    # with T large the vote is a plain majority: class 1; k is capped at the bank's size
+    assert data.knn_predict(bank, torch.eye(2)[[0, 1, 1]], torch.tensor([[1.0, 0.0]]), k=50, t=1e6).argmax() == 1
+    # multi-label targets: the weighted mean of the 0/1 labels
+    labels = torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+    assert data.knn_predict(bank, labels, torch.tensor([[1.0, 0.0]]), k=3)[0].tolist() == pytest.approx([0.99818, 1.0],
+                                                                                                         abs=2e-5)
 
 
 def test_knn_accuracy():
@@ -157,7 +175,7 @@ def test_smoke_and_checkpoint_into_torchvision(loss, tmp_path, demo):
     steps = [r for r in lines if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert all({"invariance", "redundancy", "spread", "offdiag_abs_c"} <= set(r) for r in steps)
-    assert sum("knn_top1@10" in r for r in lines) == 2  # before training, and after the epoch
+    assert sum("knn_top1@20" in r for r in lines) == 2  # before training, and after the epoch
     ck = torch.load(out / "checkpoint.pt", weights_only=False)
     import torchvision
 

@@ -1,6 +1,7 @@
 """convirt.py: the two losses by hand, their limits, DDP equivalence, and the script end to end."""
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -325,3 +326,25 @@ def test_torchrun_with_a_hub_bert_that_has_its_pooler(tmp_path, demo):
     assert [r["step"] for r in steps if "loss" in r] == [1, 2, 3]
     ck = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ck["text_model"] == str(folder) and any(k.startswith("text_encoder.pooler.") for k in ck["model"])
+    # convirt.load: the checkpoint alone embeds texts and images (the folder deleted, the hub offline: conftest),
+    # also with the position_ids buffer some transformers versions save among the weights
+    shutil.rmtree(folder)
+    ck["model"]["text_encoder.embeddings.position_ids"] = torch.arange(256)[None]
+    torch.save(ck, tmp_path / "older.pt")
+    code = ("import sys, torch, convirt; m = convirt.load(sys.argv[1]); x = torch.zeros(3, 3, m.size, m.size); "
+            "t = m.encode_text(['There is a pleural effusion.', 'The lungs are clear.']); i = m.encode_image(x); "
+            "print(tuple(t.shape), tuple(i.shape), round(float(t.norm(dim=1).min()), 4), m.temperature, m.training)")
+    for path in (out / "checkpoint.pt", tmp_path / "older.pt"):
+        p = run_script("-c", code, path)
+        words = p.stdout.split()
+        assert words[:5] + words[6:] == ["(2,", "512)", "(3,", "512)", "1.0", "False"], p.stdout
+        assert float(words[5]) == pytest.approx(1 / math.exp(ck["model"]["t_prime"]))  # the sigmoid loss's 1/t
+    # one clear line for a checkpoint with no text tower, and for one written before tokenizers were saved
+    ck["method"] = "simclr"
+    torch.save(ck, tmp_path / "simclr.pt")
+    with pytest.raises(ValueError, match="simclr.py checkpoint has no text tower; zero-shot needs a convirt.py"):
+        convirt.load(tmp_path / "simclr.pt")
+    ck.update(method="convirt", tokenizer_json=None)
+    torch.save(ck, tmp_path / "old-hub.pt")
+    with pytest.raises(ValueError, match="without its tokenizer"):
+        convirt.load(tmp_path / "old-hub.pt")
