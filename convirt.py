@@ -179,7 +179,7 @@ def load(path, device="cpu"):
     if [k for k in missing if not k.endswith("position_ids")] or unexpected:
         raise ValueError(f"{path}: its weights do not fit the model they describe ({(missing or unexpected)[:3]})")
     model.tokenizer, model.max_tokens, model.size = tokenizer, a["max_tokens"], a["size"]
-    model.temperature = a["tau"] if a["loss"] == "softmax" else float(1 / model.t_prime.exp())
+    model.temperature = a["tau"] if a["loss"] == "softmax" else float(1 / model.t_prime.detach().exp())
     return model.eval().to(device)
 
 

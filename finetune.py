@@ -1,13 +1,11 @@
 """finetune.py: turn pretrained encoders into the studies' comparison tables.
 
-Linear probing (frozen features, logistic regression with C chosen on val) and fine-tuning (AdamW, warm-up +
-cosine, early stopping on val AUC) at several label fractions and seeds: AUC, F1 at a threshold chosen on val,
-accuracy, confusion matrices, 95 % bootstrap intervals; ROC and AUC-vs-fraction figures; t-SNE, clustering and
-Grad-CAM on request. Checkpoints come from convirt.py, simclr.py, byol.py and barlow.py (their `encoder` entry).
-Splits are by patient (60 / 20 / 20, seed 0, the same for every method; MIMIC's official one with --split-csv);
-test is scored once per cell, after every choice was made on val; --score val scores val and never reads test.
-split.json lists each split's patients and each label fraction's images with a sha256 (--split FILE reuses
-them); results.json is written cell by cell, so --resume skips what is done.
+Linear probe (logistic regression, C chosen on val), fine-tuning (early stopping on val AUC), the weighted kNN
+and, for convirt.py checkpoints, zero-shot classification by prompts, at several label fractions and seeds: AUC,
+F1 at a threshold chosen on val, accuracy, confusion matrices, 95 % bootstrap intervals, ROC and AUC-vs-fraction
+figures; t-SNE, clustering and Grad-CAM on request. Splits are by patient (60 / 20 / 20, seed 0, the same for every
+method; MIMIC's official one with --split-csv), recorded with a sha256 in split.json (--split FILE reuses it); test
+is scored once per cell, every choice made on val (--score val never reads test); --resume skips finished cells.
 
     python finetune.py --ckpt runs/convirt-sigmoid-X/checkpoint.pt --init random   # demo pneumonia task
     python finetune.py --task folder --ckpt barlow=runs/barlow-X/checkpoint.pt --ckpt agbt=runs/agbt-X/checkpoint.pt \
@@ -55,7 +53,10 @@ def get_args(argv=None):
     p.add_argument("--level", type=int, default=1, help="hicervix task: hierarchy level 1, 2 or 3")
     p.add_argument("--observations", default="14", choices=["14", "5"], help="chexpert: all 14 or the 5 competition")
     p.add_argument("--uncertainty", default="ones", choices=["ones", "zeros", "ignore"], help="chexpert: -1 labels")
-    p.add_argument("--mode", nargs="+", default=["linear"], choices=["linear", "finetune"], help="protocols")
+    p.add_argument("--mode", nargs="+", default=["linear"], choices=["linear", "finetune", "knn", "zeroshot"],
+                   help="linear probe, fine-tuning, weighted kNN, zero-shot by prompts (convirt.py checkpoints)")
+    p.add_argument("--prompts", default=None, help='zeroshot: JSON {label: {"pos": [...], "neg": [...]}} or {class: '
+                   '[...]} (default "{label}" / "no {label}")')
     p.add_argument("--head", default="sklearn", choices=["sklearn", "torch"], help="linear probe: sklearn or torch")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0], help="label fractions of train")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; each cell is mean +- std over them")
@@ -104,11 +105,10 @@ def load_encoder(path, arch):
 
 
 def last_conv_block(net):
-    """The layer Grad-CAM hooks: the last convolutional block."""
-    for name in ("layer4", "features"):
-        if hasattr(net, name):
-            return getattr(net, name)
-    raise ValueError("Grad-CAM needs a ResNet, DenseNet or EfficientNet encoder")
+    """The layer Grad-CAM hooks: the last convolutional block (ResNet's layer4; DenseNet's, EfficientNet's features)."""
+    if not hasattr(net, "layer4") and not hasattr(net, "features"):
+        raise ValueError("Grad-CAM needs a ResNet, DenseNet or EfficientNet encoder")
+    return net.layer4 if hasattr(net, "layer4") else net.features
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -155,8 +155,7 @@ def metrics(kind, y, s, thresholds=None, mask=None):
 def rank_auc(y, s):
     """ROC AUC as the Mann-Whitney statistic, tied scores sharing their mean rank (sklearn's roc_auc_score),
     fast enough for a thousand bootstrap resamples; None without both labels."""
-    n_pos = int(y.sum())
-    n_neg = len(y) - n_pos
+    n_pos, n_neg = int(y.sum()), len(y) - int(y.sum())
     if n_pos == 0 or n_neg == 0:
         return None
     _, inv, counts = np.unique(s, return_inverse=True, return_counts=True)
@@ -165,9 +164,8 @@ def rank_auc(y, s):
 
 
 def bootstrap(kind, y, s, thresholds, mask=None, n=1000, seed=0):
-    """AUC and F1 of n resamples (with replacement) of the scored images, the metrics() definitions at
-    fixed thresholds. The resamples depend only on (seed, number of images), so every cell of a table
-    shares them, and an interval over seeds pairs them resample by resample."""
+    """AUC and F1 (metrics(), fixed thresholds) of n resamples of the scored images, drawn from (seed, number of
+    images) alone: every cell of a table shares them, and an interval over seeds pairs them resample by resample."""
     rng, aucs, f1s = np.random.default_rng(seed), [], []
     for _ in range(n):
         i = rng.integers(0, len(y), len(y))
@@ -189,7 +187,7 @@ def interval(boots):
         return None
     a = np.asarray([[np.nan if v is None else v for v in b] for b in boots], np.float64).mean(0)
     a = a[~np.isnan(a)]
-    return [float(np.percentile(a, 2.5)), float(np.percentile(a, 97.5))] if len(a) else None
+    return np.percentile(a, [2.5, 97.5]).tolist() if len(a) else None
 
 
 def choose_thresholds(kind, y, s, mask=None):
@@ -216,20 +214,20 @@ def summarize(values):
     return "-" if not v else f"{np.mean(v):.2f}" if len(v) == 1 else f"{np.mean(v):.2f}±{np.std(v):.2f}"
 
 
-def results_table(cells, methods, fractions):
+def results_table(cells, methods, all_fractions):
     """Markdown tables in the studies' shape: rows = methods, columns = fractions, cells = F1 / AUC."""
     lines = []
     for mode in sorted({c["mode"] for c in cells}):
+        fractions = [0.0] if mode == "zeroshot" else all_fractions  # zero-shot uses no labelled image
         lines += [f"### {mode}", "", "| Method | " + " | ".join(f"{f * 100:g} %" for f in fractions) + " |",
                   "|---|" + "---|" * len(fractions)]
-        for m in methods:
+        for m in [m for m in methods if any(c["mode"] == mode and c["method"] == m for c in cells)]:
             row = []
             for f in fractions:
                 cs = [c for c in cells if c["mode"] == mode and c["method"] == m and c["fraction"] == f]
                 ci = {k: interval([c.get(f"{k}_boot") for c in cs]) for k in ("f1", "auc")}
-                cell = {k: summarize([c[k] for c in cs]) + (f" [{ci[k][0]:.2f}, {ci[k][1]:.2f}]" if ci[k] else "")
-                        for k in ("f1", "auc")}
-                row.append(f"{cell['f1']} / {cell['auc']}" if cs else "")
+                row.append(" / ".join(summarize([c[k] for c in cs]) + (f" [{ci[k][0]:.2f}, {ci[k][1]:.2f}]" if ci[k]
+                                                                      else "") for k in ("f1", "auc")) if cs else "")
             lines.append(f"| {m} | " + " | ".join(row) + " |")
         lines.append("")
     return "\n".join(lines) + ("\nCells: F1 / AUC, mean ± std over seeds [95 % bootstrap interval of that mean over "
@@ -243,23 +241,19 @@ def cluster_scores(features, labels, seed=0):
     from sklearn.neighbors import NearestNeighbors
 
     f = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
-    k = len(np.unique(labels))
-    out = {}
-    km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(f)
+    km = KMeans(n_clusters=len(np.unique(labels)), n_init=10, random_state=seed).fit_predict(f)
     # DBSCAN's eps: the median distance to the 5th neighbour, a common default when nothing is known
     d = NearestNeighbors(n_neighbors=min(6, len(f))).fit(f).kneighbors(f)[0][:, -1]
     db = DBSCAN(eps=float(np.median(d)), min_samples=5).fit_predict(f)
-    for name, pred in (("kmeans", km), ("dbscan", db)):
-        sil = float(silhouette_score(f, pred)) if 1 < len(np.unique(pred)) < len(f) else None
-        out[name] = {"nmi": float(normalized_mutual_info_score(labels, pred)),
-                     "ari": float(adjusted_rand_score(labels, pred)), "silhouette": sil}
-    return out
+    return {name: {"nmi": float(normalized_mutual_info_score(labels, pred)),
+                   "ari": float(adjusted_rand_score(labels, pred)),
+                   "silhouette": float(silhouette_score(f, pred)) if 1 < len(np.unique(pred)) < len(f) else None}
+            for name, pred in (("kmeans", km), ("dbscan", db))}
 
 
 def effective_rank(features):
-    """Roy & Vetterli 2007: exp of the entropy of the normalised singular-value energies p_i = s_i^2 / sum s^2
-    of the standardised features. D for D equally used directions, 1 for one; a low value is dimensional
-    collapse (few directions carry the variance), which a linear probe on the features cannot undo."""
+    """Roy & Vetterli 2007: exp of the entropy of p_i = s_i^2 / sum s^2, the standardised features' singular-value
+    energies: D for D equally used directions, 1 for one (dimensional collapse, which no linear probe undoes)."""
     f = np.asarray(features, np.float64)
     f = f - f.mean(0)
     std = f.std(0)
@@ -278,18 +272,16 @@ def grad_cam(model, layer, x, target):
     try:
         model.zero_grad()
         out = model(x)
-        out = out if out.ndim == 2 else out[:, None]
-        sel = (out.gather(1, target.view(-1, 1)).sum() if out.shape[1] > 1
-               else (out[:, 0] * (2 * target.float() - 1)).sum())
-        sel.backward()
+        out = out if out.ndim == 2 else out[:, None]  # a binary task: its one logit, signed by the target
+        picked = out.gather(1, target.view(-1, 1)) if out.shape[1] > 1 else out[:, 0] * (2 * target.float() - 1)
+        picked.sum().backward()
     finally:
         h1.remove()
         h2.remove()
     a, g = acts[0].detach(), grads[0].detach()
     cam = F.relu((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    lo = cam.flatten(1).min(1).values[:, None, None]
-    hi = cam.flatten(1).max(1).values[:, None, None]
+    lo, hi = cam.amin((1, 2), keepdim=True), cam.amax((1, 2), keepdim=True)
     return (cam - lo) / (hi - lo).clamp(min=1e-12)
 
 
@@ -307,7 +299,8 @@ def lr_factor(step, total, warmup):
 def load_task(args):
     """(paths, labels, mask or None, class names, patient ids, kind)."""
     demo = args.data is None
-    mask = None
+    if demo and args.task in ("csv", "hicervix"):
+        raise ValueError(f"--task {args.task} needs --data CSV" + (" and --image-root" * (args.task == "hicervix")))
     if args.task == "rsna":
         if demo:
             paths, labels, names, ids = data.demo_labelled("rsna")
@@ -328,27 +321,18 @@ def load_task(args):
         if not keep:
             raise ValueError("no CheXpert observation has both positive and negative labels")
         return paths, labels[:, keep], mask[:, keep], [names[c] for c in keep], ids, "multilabel"
-    if args.task == "folder":
-        if demo:
-            two = args.grouping == "herlev-2class"
-            paths, labels, names, ids = data.demo_labelled("cytology-2class" if two else "cytology")
-        else:
-            paths, labels, names = data.read_class_folders(args.data, args.grouping)
-            ids = paths
-    elif args.task == "csv":
-        if demo:
-            raise ValueError("--task csv needs --data CSV")
-        cols = args.label_col.split(",")
-        paths, labels, names = data.read_label_csv(args.data, label_col=cols if len(cols) > 1 else cols[0],
-                                                   root=args.image_root)
-        ids = paths
-        if len(cols) > 1:
-            return paths, labels, None, names, ids, "multilabel"
+    if args.task == "folder" and demo:
+        paths, labels, names, ids = data.demo_labelled("cytology-2class" if args.grouping == "herlev-2class"
+                                                       else "cytology")
     else:
-        if demo:
-            raise ValueError("--task hicervix needs --data CSV and --image-root")
-        paths, labels, names = data.read_hicervix(args.data, args.image_root, args.level)
+        cols = args.label_col.split(",")
+        paths, labels, names = (data.read_class_folders(args.data, args.grouping) if args.task == "folder" else
+                                data.read_hicervix(args.data, args.image_root, args.level) if args.task == "hicervix"
+                                else data.read_label_csv(args.data, label_col=cols if len(cols) > 1 else cols[0],
+                                                         root=args.image_root))
         ids = paths
+    if labels.ndim == 2:  # a CSV with several 0/1 label columns
+        return paths, labels, None, names, ids, "multilabel"
     if len(np.unique(labels)) < 2:
         raise ValueError(f"the task has one class only ({names}): nothing to classify")
     return paths, labels, None, names, ids, ("binary" if len(names) == 2 else "multiclass")
@@ -368,21 +352,16 @@ def split_hash(record):
 
 
 def make_split(args, paths, ids, labels, kind):
-    """(train, val, test, {(fraction, seed): positions in train}, the split record for split.json).
-
-    The split is --split FILE's patients, else MIMIC's official split (--split-csv; the demo CheXpert
-    task's own), else data.eval_split (60 / 20 / 20 by patient, seed 0). With --score val the train
-    split is split again 80 / 20 by patient and val is scored in test's place. The record lists the
-    patients of each split and the images of each label fraction, with a hash of both, so another
-    group can score on exactly these patients (--split) and both can check the hash."""
+    """(train, val, test, {(fraction, seed): positions in train}, the record for split.json): --split FILE's
+    patients, else MIMIC's official split (--split-csv; the demo CheXpert task's own), else data.eval_split. With
+    --score val, train is split again 80 / 20 by patient and val scored in test's place. The record lists each
+    split's patients and each label fraction's images with a hash of both: another group can score on exactly these."""
     keys = image_keys(paths)
     pids = [k if str(i) == str(p) else str(i) for i, p, k in zip(ids, paths, keys)]  # path-named patients by key
-    given = None
+    given = json.loads(Path(args.split).read_text()) if args.split else {}
     if args.split:
-        given = json.loads(Path(args.split).read_text())
         if split_hash(given) != given.get("sha256"):
-            raise ValueError(f"{args.split}: its sha256 does not match its lists: the file was edited after it was "
-                             "written")
+            raise ValueError(f"{args.split}: its sha256 does not match its lists: edited after it was written")
         role = {p: name for name in ("train", "val", "test") for p in given["patients"][name]}
         missing = sorted({p for p in pids if p not in role})
         if missing:
@@ -398,21 +377,18 @@ def make_split(args, paths, ids, labels, kind):
     if args.score == "val":  # choosing settings: val is scored in test's place, and test is never read
         inner_tr, inner_va = data.patient_split([ids[i] for i in tr], (0.8, 0.2), seed=0)
         tr, va, te = tr[inner_tr], tr[inner_va], va
-    given = given or {}
     listed = given.get("fractions", {}) if given.get("scored") == args.score else {}  # a file's subsets of train
-    fractions = {}
-    position = {keys[i]: j for j, i in enumerate(tr)}
-    for f in args.fractions:
-        for seed in args.seeds:
-            if f"{f:g}/{seed}" in listed:
-                unknown = [k for k in listed[f"{f:g}/{seed}"] if k not in position]
-                if unknown:
-                    raise ValueError(f"{args.split}: label fraction {f:g} seed {seed} names {len(unknown)} image(s) "
-                                     f"outside the train split, e.g. {unknown[0]!r}")
-                fractions[(f, seed)] = np.asarray(sorted(position[k] for k in listed[f"{f:g}/{seed}"]), np.int64)
-            else:
-                y_tr = labels[tr] if kind != "multilabel" else (labels[tr] > 0)
-                fractions[(f, seed)] = data.label_fraction(y_tr, f, seed)
+    fractions, position = {}, {keys[i]: j for j, i in enumerate(tr)}
+    y_tr = labels[tr] if kind != "multilabel" else (labels[tr] > 0)
+    for f, seed in [(f, seed) for f in args.fractions for seed in args.seeds]:
+        if f"{f:g}/{seed}" in listed:
+            unknown = [k for k in listed[f"{f:g}/{seed}"] if k not in position]
+            if unknown:
+                raise ValueError(f"{args.split}: label fraction {f:g} seed {seed} names {len(unknown)} image(s) "
+                                 f"outside the train split, e.g. {unknown[0]!r}")
+            fractions[(f, seed)] = np.asarray(sorted(position[k] for k in listed[f"{f:g}/{seed}"]), np.int64)
+        else:
+            fractions[(f, seed)] = data.label_fraction(y_tr, f, seed)
     record = {"task": args.task, "scored": args.score,
               "patients": {n: sorted({pids[i] for i in idx}) for n, idx in zip(("train", "val", "test"), parts)},
               "fractions": {**listed, **{f"{f:g}/{s}": sorted(keys[tr[j]] for j in pos)
@@ -427,12 +403,11 @@ def to_device(x, device):
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
-def extract(encoder, loader, device, amp):
-    encoder.eval()
-    if device.type == "cuda":
-        encoder = encoder.to(memory_format=torch.channels_last)
+def extract(net, loader, device, amp, fn=None):
+    """(fn or net)(images) over a loader, in eval mode, on the CPU: an encoder's features, a classifier's logits."""
+    net.eval()
     with torch.no_grad(), amp:
-        return torch.cat([encoder(to_device(x, device)).float().cpu() for x, _ in loader]).numpy()
+        return torch.cat([(fn or net)(to_device(x, device)).float().cpu() for x, _ in loader])
 
 
 def fit_linear(kind, ftr, ytr, mtr, fva, yva, mva, seed, head):
@@ -444,6 +419,7 @@ def fit_linear(kind, ftr, ytr, mtr, fva, yva, mva, seed, head):
     scaler = StandardScaler().fit(ftr)
     xtr, xva = scaler.transform(ftr), scaler.transform(fva)
     val_auc = lambda score: metrics(kind, yva, score(xva), mask=mva)["auc"] or 0  # noqa: E731
+    scorer = lambda lin: lambda x: probabilities(lin(torch.tensor(x, dtype=torch.float32)).detach(), kind)  # noqa: E731
     if head == "torch" or kind == "multilabel":
         k = ytr.shape[1] if kind == "multilabel" else (1 if kind == "binary" else int(ytr.max()) + 1)
         X, Y = torch.as_tensor(xtr, dtype=torch.float32), torch.as_tensor(ytr)
@@ -459,16 +435,65 @@ def fit_linear(kind, ftr, ytr, mtr, fva, yva, mva, seed, head):
                 opt.step()
             return lin
 
-        lin = max((train(wd) for wd in (1e-4, 1e-3, 1e-2)), key=lambda lin: val_auc(_score_torch(lin, kind)))
-        return (lambda f: _score_torch(lin, kind)(scaler.transform(f))), _fold(lin, scaler)
+        lin = max((train(wd) for wd in (1e-4, 1e-3, 1e-2)), key=lambda lin: val_auc(scorer(lin)))
+        return (lambda f: scorer(lin)(scaler.transform(f))), _fold(lin.weight, lin.bias, scaler)
     proba = lambda clf, x: clf.predict_proba(x)[:, 1] if kind == "binary" else clf.predict_proba(x)  # noqa: E731
-    clf = max((LogisticRegression(C=c, max_iter=3000, random_state=seed).fit(xtr, ytr) for c in (0.01, 0.1, 1.0, 10.0)),
+    clf = max((LogisticRegression(C=c, max_iter=3000, random_state=seed).fit(xtr, ytr) for c in (0.01, 0.1, 1, 10.0)),
               key=lambda clf: val_auc(lambda x: proba(clf, x)))
-    lin = nn.Linear(xtr.shape[1], clf.coef_.shape[0])
-    with torch.no_grad():
-        lin.weight.copy_(torch.as_tensor(clf.coef_))
-        lin.bias.copy_(torch.as_tensor(clf.intercept_))
-    return (lambda f: proba(clf, scaler.transform(f))), _fold(lin, scaler)
+    return (lambda f: proba(clf, scaler.transform(f))), _fold(clf.coef_, clf.intercept_, scaler)
+
+
+def knn_scorer(bank, y, kind, n_out):
+    """The weighted kNN (data.knn_predict: k 20, T 0.07) on the label fraction's features: class probabilities."""
+    y = torch.as_tensor(y)
+    targets = y.float() if kind == "multilabel" else F.one_hot(y.long(), max(n_out, 2))
+    knn = lambda f: data.knn_predict(torch.as_tensor(bank), targets, torch.as_tensor(f)).numpy()  # noqa: E731
+    return (lambda f: knn(f)[:, 1]) if kind == "binary" else knn
+
+
+def prompt_sets(names, kind, path=None):
+    """{set name: prompts}, prompts {label: {"pos": [...], "neg": [...]}} (the binary task's positive class, or each
+    observation) or {class: [...]}. Default CheXzero's "{label}" / "no {label}" in lower case; from --prompts, set
+    "prompt i" takes each list's i-th prompt and "ensemble" all of them (the set is chosen on val)."""
+    labels, multiclass = (names[1:] if kind == "binary" else names), kind == "multiclass"
+    if path:
+        spec = json.loads(Path(path).read_text())
+        bad = [n for n in labels if not (isinstance(spec.get(n), list) if multiclass else
+                                         isinstance(spec.get(n), dict) and {"pos", "neg"} <= set(spec[n]))]
+        if bad:
+            raise ValueError(f"{path}: {bad[0]!r} needs " + ("a list of prompts" if multiclass else
+                             '{"pos": [...], "neg": [...]}') + f" (the task's labels: {labels})")
+        spec = {n: spec[n] for n in labels}
+    else:
+        low = {n: n.lower().replace("_", " ") for n in labels}
+        for n in [n for n in labels if low[n].startswith("no ") and not multiclass]:  # "no No Finding"
+            print(f"zero-shot: {n!r} cannot be negated with 'no'; its negative prompt is {low[n][3:]!r} (--prompts)")
+        spec = {n: [low[n]] if multiclass else {"pos": [low[n]], "neg": [low[n][3:] if low[n].startswith("no ")
+                                                                          else f"no {low[n]}"]} for n in labels}
+    pick = lambda p, i: {k: pick(v, i) for k, v in p.items()} if isinstance(p, dict) else [p[i % len(p)]]  # noqa: E731
+    n = max(len(v) for p in spec.values() for v in (p.values() if isinstance(p, dict) else [p]))
+    return {"ensemble": spec, **{f"prompt {i + 1}": pick(spec, i) for i in range(n)}} if n > 1 else {"default": spec}
+
+
+@torch.no_grad()
+def zero_shot(model, emb, prompts, kind):
+    """CheXzero's scores: s is the cosine between the image embedding and the renormalised mean of a prompt list's
+    embeddings; per label p = sigmoid((s_pos - s_neg) / tau), per class softmax(s / tau); tau the checkpoint's own."""
+    mean = lambda texts: F.normalize(model.encode_text(texts).float().mean(0), dim=0).cpu()  # noqa: E731
+    if kind == "multiclass":
+        return (emb @ torch.stack([mean(p) for p in prompts.values()]).T / model.temperature).softmax(1).numpy()
+    pos, neg = (torch.stack([mean(p[k]) for p in prompts.values()]) for k in ("pos", "neg"))
+    p = torch.sigmoid((emb @ pos.T - emb @ neg.T) / model.temperature).numpy()
+    return p[:, 0] if kind == "binary" else p
+
+
+def image_text_model(path, device):
+    """convirt.load: zero-shot needs convirt.py beside this file (the other modes do not)."""
+    try:
+        import convirt
+    except ImportError:
+        raise ValueError("--mode zeroshot loads the model with convirt.py: copy it beside finetune.py") from None
+    return convirt.load(path, device)
 
 
 def task_loss(out, y, m, kind):
@@ -481,24 +506,18 @@ def task_loss(out, y, m, kind):
 
 def probabilities(out, kind):
     """Logits -> scores: softmax over classes, else sigmoid (one column for a binary task)."""
-    if kind == "multiclass":
-        return out.softmax(1).numpy()
-    out = out.sigmoid().numpy()
-    return out[:, 0] if kind == "binary" else out
+    p = out.softmax(1) if kind == "multiclass" else out.sigmoid()
+    return p[:, 0].numpy() if kind == "binary" else p.numpy()
 
 
-def _score_torch(lin, kind):
-    return lambda x: probabilities(lin(torch.as_tensor(x, dtype=torch.float32)).detach(), kind)
-
-
-def _fold(lin, scaler):
-    """The scaler folded into the linear layer, so encoder -> layer gives the classifier's logits."""
-    w = lin.weight.detach() / torch.as_tensor(scaler.scale_, dtype=torch.float32)
-    b = lin.bias.detach() - (w * torch.as_tensor(scaler.mean_, dtype=torch.float32)).sum(1)
+@torch.no_grad()
+def _fold(weight, bias, scaler):
+    """A linear layer on standardised features with the scaler folded in: encoder -> layer gives its logits."""
+    f32 = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+    w = f32(weight) / f32(scaler.scale_)
     out = nn.Linear(w.shape[1], w.shape[0])
-    with torch.no_grad():
-        out.weight.copy_(w)
-        out.bias.copy_(b)
+    out.weight.copy_(w)
+    out.bias.copy_(f32(bias) - (w * f32(scaler.mean_)).sum(1))
     return out
 
 
@@ -506,13 +525,11 @@ def finetune(encoder, dim, kind, n_out, train_ds, val_loader, yva, mva, args, de
     """Whole network trained; the weights with the best val AUC are kept. Returns the network."""
     torch.manual_seed(seed)
     model = nn.Sequential(encoder, nn.Linear(dim, n_out)).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
     opt = torch.optim.AdamW([{"params": encoder.parameters(), "lr": args.lr},
                              {"params": model[1].parameters(), "lr": args.lr * 10}], weight_decay=args.weight_decay)
-    g = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=min(args.batch_size, len(train_ds)), shuffle=True,
-                                         generator=g, num_workers=args.workers,
+                                         generator=torch.Generator().manual_seed(seed), num_workers=args.workers,
                                          drop_last=len(train_ds) > args.batch_size)
     total = args.epochs * len(loader)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, max(1, total // 20)))
@@ -527,33 +544,20 @@ def finetune(encoder, dim, kind, n_out, train_ds, val_loader, yva, mva, args, de
             loss.backward()
             opt.step()
             sched.step()
-        s = predict(model, val_loader, kind, device, amp)
+        s = probabilities(extract(model, val_loader, device, amp), kind)
         auc = metrics(kind, yva, s, mask=mva)["auc"] or 0.0
         if auc > best:
-            best, bad = auc, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            bad += 1
-            if bad >= args.patience:
-                break
+            best, bad, best_state = auc, 0, {k: v.detach().clone() for k, v in model.state_dict().items()}
+        elif (bad := bad + 1) >= args.patience:
+            break
     model.load_state_dict(best_state)
     return model
-
-
-def predict(model, loader, kind, device, amp):
-    model.eval()
-    with torch.no_grad(), amp:
-        return probabilities(torch.cat([model(to_device(x, device)).float().cpu() for x, _ in loader]), kind)
 
 
 def source_id(path):
     """Which weights a checkpoint file holds, cheaply: its path, size and modification time."""
     st = os.stat(path)
     return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def atomic_json(obj, path):
-    data.atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def main(argv=None):
@@ -575,22 +579,24 @@ def main(argv=None):
         load_encoder(path, args.arch)  # fail now, before any work, on a wrong file or arch
         rows.append((name, ("ckpt", path)))
     tr, va, te, fraction_sets, split_record = make_split(args, paths, ids, labels, kind)
-    atomic_json(split_record, out / "split.json")
+    data.atomic_write_text(out / "split.json", json.dumps(split_record, indent=1))
     for split, idx in (("train", tr), ("val", va), ("test", te)):
         missing = [] if kind == "multilabel" else sorted(set(range(len(names))) - set(labels[idx].tolist()))
         if missing:
             raise ValueError(f"the {split} split has no example of class(es) {[names[c] for c in missing]}")
-    mask_all = mask if mask is not None else (np.ones_like(labels, dtype=np.float32) if kind == "multilabel" else None)
+    mask_all = mask if mask is not None else np.ones(labels.shape, np.float32)  # 0: a label left out (uncertain)
     ds = data.ImageDataset(paths, None, data.eval_transform(args.size), size=args.size, channels=channels,
                            cache_dir=args.cache_dir or None, skip_bad=args.skip_bad, workers=args.workers)
     if len(ds) != len(paths):
         raise ValueError(f"{len(paths) - len(ds)} unreadable images; finetune.py needs every labelled image readable")
     loader_of = lambda idx: torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=64,  # noqa: E731
                                                         num_workers=args.workers)
-    pick = lambda a, idx: None if a is None else a[idx]  # noqa: E731
     results = json.loads((out / "results.json").read_text()) if args.resume and (out / "results.json").exists() else []
     # a cell is done only if it came from the same weights: a checkpoint re-trained under the same name is re-evaluated
     source_of = {n: f"init:{w}" if src == "init" else source_id(w) for n, (src, w) in rows}
+    paired = {n: src == "ckpt" and data.load_checkpoint(w)["method"] == "convirt" for n, (src, w) in rows}
+    if "zeroshot" in args.mode and not any(paired.values()):
+        raise ValueError("--mode zeroshot needs a convirt.py checkpoint (an image-text model); no row has a text tower")
 
     def same_weights(c):  # cells written before sources were recorded carry none, and are kept; so are other rows'
         same = "source" not in c or c["method"] not in source_of or c["source"] == source_of[c["method"]]
@@ -604,12 +610,10 @@ def main(argv=None):
     done = {(c["method"], c["mode"], c["fraction"], c["seed"]) for c in results}
     n_out = labels.shape[1] if kind == "multilabel" else (1 if kind == "binary" else len(names))
     ft_aug = T.Compose([T.RandomResizedCrop(args.size, scale=(0.8, 1.0), antialias=True), data.ToRGBNormalized()])
-    ft_targets = [(labels[i], mask_all[i] if mask_all is not None else np.float32(1)) for i in range(len(paths))]
     curves = {}
-    print(f"finetune: task {args.task} ({kind}, {len(names)} classes), {len(paths)} images "
-          f"(train {len(tr)} / val {len(va)} / {'test' if args.score == 'test' else 'scored: the val split'} "
-          f"{len(te)}), rows {[r[0] for r in rows]}, modes {args.mode}; split {out / 'split.json'} "
-          f"(sha256 {split_record['sha256'][:16]})")
+    print(f"finetune: task {args.task} ({kind}, {len(names)} classes), {len(paths)} images (train {len(tr)} / val "
+          f"{len(va)} / {'test' if args.score == 'test' else 'scored: val'} {len(te)}), rows {[r[0] for r in rows]}, "
+          f"modes {args.mode}; split {out / 'split.json'} (sha256 {split_record['sha256'][:16]})")
     for name, (src, what) in rows:
         def fresh():
             if src == "init":
@@ -617,52 +621,71 @@ def main(argv=None):
             return load_encoder(what, args.arch)
         feats = None
         for mode in args.mode:
-            for f in args.fractions:
-                for seed in args.seeds:
+            if mode == "zeroshot" and not paired[name]:
+                print(f"  {name}: zero-shot needs a convirt.py checkpoint (an image-text model); skipped")
+                continue
+            zeroshot = mode == "zeroshot"  # no labelled image: one cell, at fraction 0
+            for f in [0.0] if zeroshot else args.fractions:
+                for seed in args.seeds[:1] if zeroshot else args.seeds:
                     if (name, mode, f, seed) in done:
                         continue
-                    chosen = fraction_sets[(f, seed)]  # positions in the train split
-                    sub = tr[chosen]
+                    chosen = fraction_sets.get((f, seed), np.zeros(0, np.int64))  # positions in the train split
+                    sub, net, score, extra = tr[chosen], None, None, {}
                     torch.manual_seed(seed)
-                    enc, dim = fresh()
-                    enc = enc.to(device)
-                    if mode == "linear":
-                        if feats is None:  # extracted once per row (frozen encoder), reused by every cell
-                            feats = {k: extract(enc, loader_of(idx), device, amp)
-                                     for k, idx in (("train", tr), ("val", va), ("test", te))}
-                        before = {k: v.clone() for k, v in enc.state_dict().items()}
-                        score, lin = fit_linear(kind, feats["train"][chosen], labels[sub], pick(mask_all, sub),
-                                                feats["val"], labels[va], pick(mask_all, va), seed, args.head)
-                        assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items()), "the encoder moved"
-                        s_va, s_te = score(feats["val"]), score(feats["test"])
-                        net = nn.Sequential(enc, lin.to(device))
+                    if zeroshot:  # the prompt set, too, is chosen on val
+                        clip = image_text_model(what, device)
+                        emb = {k: extract(clip, loader_of(i), device, amp, clip.encode_image) for k, i in (("val", va),
+                                                                                                       ("test", te))}
+                        sets = prompt_sets(names, kind, args.prompts)
+                        auc = {k: metrics(kind, labels[va], zero_shot(clip, emb["val"], p, kind), mask=mask_all[va]
+                                          )["auc"] or 0.0 for k, p in sets.items()}
+                        extra = {"prompts": max(auc, key=auc.get), "prompts_val_auc": auc}
+                        s_va, s_te = (zero_shot(clip, emb[k], sets[extra["prompts"]], kind) for k in ("val", "test"))
                     else:
-                        train_ds = data.ImageDataset([paths[i] for i in sub], [ft_targets[i] for i in sub], ft_aug,
-                                                     size=args.size, channels=channels,
+                        enc, dim = fresh()
+                        enc = enc.to(device)
+                    if mode in ("linear", "knn") and feats is None:  # frozen: extracted once per row, for every cell
+                        feats = {k: extract(enc, loader_of(idx), device, amp).numpy()
+                                 for k, idx in (("train", tr), ("val", va), ("test", te))}
+                    if mode == "knn":
+                        score = knn_scorer(feats["train"][chosen], labels[sub], kind, n_out)
+                    elif mode == "linear":
+                        before = {k: v.clone() for k, v in enc.state_dict().items()}
+                        score, lin = fit_linear(kind, feats["train"][chosen], labels[sub], mask_all[sub],
+                                                feats["val"], labels[va], mask_all[va], seed, args.head)
+                        assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items()), "the encoder moved"
+                        net = nn.Sequential(enc, lin.to(device))
+                    elif mode == "finetune":
+                        train_ds = data.ImageDataset([paths[i] for i in sub], [(labels[i], mask_all[i]) for i in sub],
+                                                     ft_aug, size=args.size, channels=channels,
                                                      cache_dir=args.cache_dir or None)
-                        net = finetune(enc, dim, kind, n_out, train_ds, loader_of(va), labels[va], pick(mask_all, va),
+                        net = finetune(enc, dim, kind, n_out, train_ds, loader_of(va), labels[va], mask_all[va],
                                        args, device, amp, seed)
-                        s_va, s_te = (predict(net, loader_of(idx), kind, device, amp) for idx in (va, te))
-                    thr = choose_thresholds(kind, labels[va], s_va, pick(mask_all, va))
-                    m = metrics(kind, labels[te], s_te, thr, pick(mask_all, te))
+                        s_va, s_te = (probabilities(extract(net, loader_of(i), device, amp), kind) for i in (va, te))
+                    if score is not None:
+                        s_va, s_te = score(feats["val"]), score(feats["test"])
+                    thr = choose_thresholds(kind, labels[va], s_va, mask_all[va])
+                    m = metrics(kind, labels[te], s_te, thr, mask_all[te])
                     if args.bootstrap:
-                        m["auc_boot"], m["f1_boot"] = bootstrap(kind, labels[te], s_te, thr, pick(mask_all, te),
+                        m["auc_boot"], m["f1_boot"] = bootstrap(kind, labels[te], s_te, thr, mask_all[te],
                                                                 args.bootstrap)
                         m["auc_ci"], m["f1_ci"] = interval([m["auc_boot"]]), interval([m["f1_boot"]])
                     m.update(method=name, source=source_of[name], scored=args.score, mode=mode, fraction=f, seed=seed,
-                             n_train=int(len(sub)),
-                             confusion=confusion(kind, labels[te], s_te, thr, pick(mask_all, te)))
+                             n_train=int(len(sub)), confusion=confusion(kind, labels[te], s_te, thr, mask_all[te]),
+                             **extra)
                     results.append(m)
-                    atomic_json(results, out / "results.json")  # each finished cell is safe at once
+                    data.atomic_write_text(out / "results.json", json.dumps(results, indent=1))  # cell by cell
                     print(f"  {name:>12} {mode:>8} {f:>5g} seed {seed}: F1 {m['f1']:.3f}  AUC "
                           f"{m['auc'] if m['auc'] is None else round(m['auc'], 3)}"
                           + (f" {np.round(m['auc_ci'], 3).tolist()}" if m.get("auc_ci") else "")
-                          + f"  (n_train {len(sub)})")
-                    if f == max(args.fractions) and seed == args.seeds[0]:
+                          + (f"  (prompts: {extra['prompts']})" if zeroshot else f"  (n_train {len(sub)})"))
+                    if f == (0.0 if zeroshot else max(args.fractions)) and seed == args.seeds[0]:
                         curves[(name, mode)] = (s_te, net)
         if args.embed and feats is not None:
             summary = embed_figures(feats["test"], labels[te], names, name, out, kind)
             (out / f"embed-{name}.json").write_text(json.dumps(summary))
+            print(f"  {name}: K-means NMI {summary['kmeans']['nmi']:.3f}, DBSCAN NMI {summary['dbscan']['nmi']:.3f}, "
+                  f"effective rank {summary['effective_rank']:.1f} of {feats['test'].shape[1]}")
 
     methods = [r[0] for r in rows]
     table = results_table(results, methods, args.fractions)
@@ -670,7 +693,7 @@ def main(argv=None):
                            f"split sha256 {split_record['sha256'][:16]} (split.json)\n\n{table}")
     write_csv(results, out / "results.csv")
     print("\n" + table)
-    figures(results, curves, labels[te], pick(mask_all, te), names, kind, args.fractions, out)
+    figures(results, curves, labels[te], mask_all[te], names, kind, args.fractions, out)
     if args.gradcam:
         gradcam_figures(curves, ds, te, labels, names, kind, args.gradcam, out, device)
     print(f"results: {out / 'results.md'}")
@@ -704,11 +727,11 @@ def figures(results, curves, y, mask, names, kind, fractions, out):
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
-    for mode in sorted({c["mode"] for c in results}):
+    for mode in sorted({c["mode"] for c in results} - {"zeroshot"}):
         for m in dict.fromkeys(c["method"] for c in results):
-            pts = [(f, np.mean([c["auc"] for c in results if (c["method"], c["mode"], c["fraction"]) == (m, mode, f)
-                                and c["auc"] is not None] or [np.nan])) for f in fractions]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{m} ({mode})")
+            aucs = [[c["auc"] for c in results if (c["method"], c["mode"], c["fraction"]) == (m, mode, f)
+                     and c["auc"] is not None] for f in fractions]
+            ax.plot(fractions, [np.mean(a) if a else np.nan for a in aucs], marker="o", label=f"{m} ({mode})")
     ax.set(xscale="log", xlabel="label fraction", ylabel="test AUC", title="AUC against label fraction")
     ax.legend(fontsize=7)
     save_figure(fig, out / "auc_vs_fraction.png")
@@ -724,22 +747,6 @@ def figures(results, curves, y, mask, names, kind, fractions, out):
            title="ROC, 100 % labels" + ("" if kind == "binary" else " (micro-average)"))
     ax.legend(fontsize=7)
     save_figure(fig, out / "roc.png")
-    last = [c for c in results if c["fraction"] == max(fractions)]
-    for c in last[:8]:
-        mats = c["confusion"]
-        fig, axes = plt.subplots(1, len(mats), figsize=(3 * len(mats), 3), squeeze=False)
-        for i, (a, mat) in enumerate(zip(axes[0], mats)):
-            a.imshow(mat, cmap="Blues")
-            for (r, q), v in np.ndenumerate(np.asarray(mat)):
-                a.text(q, r, str(v), ha="center", va="center", fontsize=7)
-            ticks = ["no", "yes"] if kind == "multilabel" else list(names)
-            a.set_xticks(range(len(ticks)), ticks, rotation=45, ha="right", fontsize=7)
-            a.set_yticks(range(len(ticks)), ticks, fontsize=7)
-            what = f"{names[i]}: " if kind == "multilabel" else ""
-            a.set(title=f"{what}{c['method']} ({c['mode']}), {c['fraction']:.0%} of the labels", xlabel="predicted",
-                  ylabel="true")
-            a.title.set_fontsize(8)
-        save_figure(fig, out / f"confusion-{c['method']}-{c['mode']}-seed{c['seed']}.png", 100)
 
 
 def embed_figures(f, y, names, method, out, kind):
@@ -755,25 +762,19 @@ def embed_figures(f, y, names, method, out, kind):
     ax.set(title=f"t-SNE of test features: {method}")
     ax.legend(fontsize=6)
     save_figure(fig, out / f"tsne-{method}.png")
-    fn = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
-    means = np.stack([fn[y == c].mean(0) for c in np.unique(y)])
-    means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+    unit = lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    means = unit(np.stack([unit(f)[y == c].mean(0) for c in np.unique(y)]))
     fig, ax = plt.subplots(figsize=(4, 4))
-    im = ax.imshow(means @ means.T, cmap="viridis")
+    fig.colorbar(ax.imshow(means @ means.T, cmap="viridis"))
     ax.set(title="cosine between class means")
-    fig.colorbar(im)
     save_figure(fig, out / f"class-similarity-{method}.png")
-    scores = cluster_scores(f, y)
-    scores["effective_rank"] = effective_rank(f)
-    print(f"  {method}: K-means NMI {scores['kmeans']['nmi']:.3f} ARI {scores['kmeans']['ari']:.3f}; "
-          f"DBSCAN NMI {scores['dbscan']['nmi']:.3f}; effective rank {scores['effective_rank']:.1f} of {f.shape[1]}")
-    return scores
+    return {**cluster_scores(f, y), "effective_rank": effective_rank(f)}
 
 
 def gradcam_figures(curves, ds, te, labels, names, kind, n, out, device):
     plt = pyplot()
     y = labels[te] if kind != "multilabel" else labels[te].argmax(1)
-    for (m, mode), (_, net) in curves.items():
+    for (m, mode), (_, net) in [(k, v) for k, v in curves.items() if v[1] is not None]:  # kNN, zero-shot: no net
         net = net.to(device).eval()
         chosen = [i for c in np.unique(y) for i in np.flatnonzero(y == c)[:n]]
         x = torch.stack([ds[int(te[i])][0] for i in chosen]).to(device)
@@ -783,10 +784,9 @@ def gradcam_figures(curves, ds, te, labels, names, kind, n, out, device):
             pred = net(x)
             pred = (pred.argmax(1) if pred.shape[1] > 1 else (pred[:, 0] > 0).long()).cpu()
         fig, axes = plt.subplots(1, len(chosen), figsize=(2 * len(chosen), 2.3), squeeze=False)
+        std, mean = (torch.tensor(v)[:, None, None] for v in (data.IMAGENET_STD, data.IMAGENET_MEAN))
         for a, img, cam, t, p in zip(axes[0], x.cpu(), cams, target.cpu(), pred):
-            std, mean = (torch.tensor(v)[:, None, None] for v in (data.IMAGENET_STD, data.IMAGENET_MEAN))
-            g = (img * std + mean).clamp(0, 1)
-            a.imshow(g.permute(1, 2, 0).numpy())
+            a.imshow((img * std + mean).clamp(0, 1).permute(1, 2, 0).numpy())
             a.imshow(cam.numpy(), cmap="jet", alpha=0.4)
             a.set_title(f"label {names[int(t)]}\npred {names[int(p)]}", fontsize=6)
             a.axis("off")

@@ -181,7 +181,7 @@ def test_smoke_both_modes_figures_and_resume(checkpoints, tmp_path):
     ntrain = {(c["fraction"]): c["n_train"] for c in res}
     assert ntrain[0.1] < ntrain[1.0] and ntrain[0.1] >= 7  # at least one per class of 7
     for f in ("results.md", "results.csv", "roc.png", "auc_vs_fraction.png", "tsne-barlow.png", "gradcam-barlow-linear.png",
-              "class-similarity-random.png", "embed-barlow.json", "confusion-barlow-linear-seed0.png"):
+              "class-similarity-random.png", "embed-barlow.json"):
         assert (out / f).is_file(), f
     md = (out / "results.md").read_text()
     assert "±" in md and "### linear" in md and "### finetune" in md
@@ -199,6 +199,60 @@ def test_smoke_both_modes_figures_and_resume(checkpoints, tmp_path):
         assert "8 cell(s) of ['barlow'] came from other weights" in p.stdout
         assert p.stdout.count("seed 0:") == 4 and len(json.loads((out / "results.json").read_text())) == 16
         os.utime(other, ns=(other.stat().st_atime_ns, other.stat().st_mtime_ns + 10**9))  # as if re-trained
+
+
+def test_knn_and_zeroshot_modes(checkpoints, tmp_path):
+    # the weighted kNN trains nothing; zero-shot scores by prompts, one cell at 0 % of the labels, its prompt set
+    # chosen on val among "prompt 1", "prompt 2" (each list's i-th) and their "ensemble"; a row without a text
+    # tower is skipped with one line, and a table of such rows only is refused
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"pneumonia": {"pos": ["pneumonia", "Findings concerning for pneumonia."],
+                                                 "neg": ["no pneumonia", "The lungs are clear."]}}))
+    out = tmp_path / "zs"
+    p = run_script("finetune.py", "--ckpt", f"convirt={checkpoints['convirt']}", "--ckpt", f"simclr={checkpoints['simclr']}",
+                   "--mode", "knn", "zeroshot", "--prompts", prompts, "--fractions", "0.1", "--size", "32",
+                   "--workers", "0", "--bootstrap", "20", "--out", out)
+    res = json.loads((out / "results.json").read_text())
+    zs = [c for c in res if c["mode"] == "zeroshot"]
+    assert len(zs) == 1 and (zs[0]["method"], zs[0]["fraction"], zs[0]["n_train"]) == ("convirt", 0.0, 0)
+    auc = zs[0]["prompts_val_auc"]
+    assert set(auc) == {"ensemble", "prompt 1", "prompt 2"} and auc[zs[0]["prompts"]] == max(auc.values())
+    assert sorted(c["method"] for c in res if c["mode"] == "knn") == ["convirt", "simclr"]
+    assert all(c["n_train"] == 36 and c["auc"] is not None for c in res if c["mode"] == "knn")  # 10 % of 360
+    assert "simclr: zero-shot needs a convirt.py checkpoint" in p.stdout
+    assert "| Method | 0 % |" in (out / "results.md").read_text()
+    p = run_script("finetune.py", "--ckpt", checkpoints["simclr"], "--mode", "zeroshot", "--size", "32",
+                   "--out", tmp_path / "no", check=False)
+    assert p.returncode != 0 and "--mode zeroshot needs a convirt.py checkpoint" in p.stderr
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"pneumonia": ["a list where a pos / neg pair belongs"]}))
+    p = run_script("finetune.py", "--ckpt", checkpoints["convirt"], "--mode", "zeroshot", "--prompts", wrong,
+                   "--size", "32", "--out", tmp_path / "w", check=False)
+    assert p.returncode != 0 and """'pneumonia' needs {"pos": [...], "neg": [...]}""" in p.stderr
+
+
+def test_zero_shot_pair_score_golden(capsys):
+    # CheXzero's rule on 2-D embeddings, tau = 0.1. Image u = (1, 0). Positive prompts "a" = (1, 0) and "b" = (0, 1):
+    # their mean (0.5, 0.5) renormalised is (0.7071, 0.7071), so s_pos = 0.7071; negative "c" = (0, 1): s_neg = 0.
+    # p = sigmoid((0.7071 - 0) / 0.1) = sigmoid(7.071) = 0.999151. Image (0, 1): s_pos 0.7071, s_neg 1,
+    # p = sigmoid(-2.929) = 1 / (1 + 18.71) = 0.050742. Multi-class, classes "a" and "c", image (0.6, 0.8):
+    # softmax(0.6 / 0.1, 0.8 / 0.1) = softmax(6, 8) = (1 / (1 + e^2), 1 / (1 + e^-2)) = (0.119203, 0.880797)
+    table = {"a": [1.0, 0.0], "b": [0.0, 1.0], "c": [0.0, 1.0]}
+    model = type("Fake", (), {"temperature": 0.1, "encode_text": lambda self, t: torch.tensor([table[x] for x in t])})()
+    p = finetune.zero_shot(model, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), {"x": {"pos": ["a", "b"], "neg": ["c"]}},
+                           "binary")
+    assert p.tolist() == pytest.approx([0.999151, 0.050742], abs=1e-6)
+    p = finetune.zero_shot(model, torch.tensor([[0.6, 0.8]]), {"one": ["a"], "two": ["c"]}, "multiclass")
+    assert p[0].tolist() == pytest.approx([0.119203, 0.880797], abs=1e-6)
+    # default prompts: "{label}" / "no {label}" in lower case; "No Finding" is not negated with "no" (and it is said)
+    sets = finetune.prompt_sets(["No Finding", "Pleural Effusion"], "multilabel")
+    assert sets == {"default": {"No Finding": {"pos": ["no finding"], "neg": ["finding"]},
+                                "Pleural Effusion": {"pos": ["pleural effusion"], "neg": ["no pleural effusion"]}}}
+    assert "'No Finding' cannot be negated" in capsys.readouterr().out
+    assert finetune.prompt_sets(["no pneumonia", "pneumonia"], "binary") == {
+        "default": {"pneumonia": {"pos": ["pneumonia"], "neg": ["no pneumonia"]}}}
+    assert finetune.prompt_sets(["normal_columnar", "carcinoma_in_situ"], "multiclass") == {
+        "default": {"normal_columnar": ["normal columnar"], "carcinoma_in_situ": ["carcinoma in situ"]}}
 
 
 def test_multilabel_chexpert_demo(tmp_path, demo):
