@@ -1,14 +1,12 @@
 """ConVIRT: contrastive image-report pretraining, with a softmax (InfoNCE) or a sigmoid (SigLIP) loss.
 
-Zhang et al. 2020, "Contrastive Learning of Medical Visual Representations from Paired Images and
-Text", https://arxiv.org/abs/2010.00747 ; SigLIP: Zhai et al., ICCV 2023, https://arxiv.org/abs/2303.15343 .
-A ResNet encodes an augmented radiograph, a Hugging Face text encoder one random sentence of its report;
-two projection heads map both into one L2-normalised space where matching pairs are pulled together and
-the batch's other pairs pushed apart: ConVIRT's bidirectional InfoNCE (eq. 2-4) or SigLIP's pairwise loss.
-
-With --loss sigmoid a heuristic (on by default) keeps SigLIP out of its collapse at small batches:
-positives weighted N-1, b started at that loss's prior logit 0 (so the loss starts at its collapse value
-2 (N-1) log 2) and t kept at or above 2 log(N-1). The derivation and the measurements are in RESULTS.md.
+Zhang et al. 2020, https://arxiv.org/abs/2010.00747 ; SigLIP: Zhai et al., ICCV 2023, https://arxiv.org/abs/2303.15343 .
+A ResNet encodes an augmented radiograph, a Hugging Face text encoder one random sentence of its report; two
+projection heads map both into one L2-normalised space where matching pairs are pulled together and the batch's
+other pairs pushed apart: ConVIRT's bidirectional InfoNCE (eq. 2-4) or SigLIP's pairwise loss. With --loss sigmoid
+a heuristic (on by default) keeps SigLIP out of its collapse at small batches: positives weighted N-1, b started at
+that loss's prior logit 0 (the loss starts at its collapse value 2 (N-1) log 2), t kept >= 2 log(N-1) (RESULTS.md).
+convirt.load(checkpoint) gives the trained model back from the file alone: finetune.py --mode zeroshot uses it.
 
     python convirt.py --loss sigmoid                     # demo data, builds itself, a few minutes on a CPU
     python convirt.py --loss softmax --data /data/mimic-cxr-jpg --metadata-csv mimic-cxr-2.0.0-metadata.csv \
@@ -19,7 +17,6 @@ positives weighted N-1, b started at that loss's prior logit 0 (so the loss star
 import argparse
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -185,13 +182,11 @@ def load(path, device="cpu"):
 
 def freeze_text_layers(model, k):
     """Freeze the embeddings and the first k transformer layers (ConVIRT froze 6 of ClinicalBERT's 12)."""
-    if k == 0:
-        return
     encoder = getattr(model, "encoder", None)
-    layers = getattr(encoder, "layer", None) or getattr(encoder, "layers", None)
+    layers = (getattr(encoder, "layer", None) or getattr(encoder, "layers", None)) if k else []
     if layers is None or k > len(layers):
         raise SystemExit(f"--freeze-text-layers {k}: the text model has {len(layers) if layers else 'no'} layers")
-    for m in [model.embeddings] + list(layers[:k]):
+    for m in ([model.embeddings] if k else []) + list(layers[:k]):
         m.requires_grad_(False)
 
 
@@ -337,10 +332,16 @@ def collapse_verdict(loss, collapse_value, spread, evaluation=None, k=10):
         ("" if ok else "FAILS ") + what for ok, what in checks)
 
 
-def collapse_advice(args):
-    """What to change, for the flags this run used."""
-    if args.loss == "sigmoid" and args.no_heuristic:
-        return "Drop --no-heuristic: plain SigLIP at a small batch collapses (convirt.py's docstring says why)."
+def collapse_advice(args, verdict=""):
+    """What the measurements (RESULTS.md) support changing, for this run's loss, encoder and failed checks."""
+    plain = args.loss == "sigmoid" and args.no_heuristic
+    if plain and args.t_init <= 1:
+        return "SigLIP from t 1 stays collapsed at a small batch (RESULTS.md): keep its t 10 / b -10, or the heuristic."
+    if plain and verdict and "FAILS" not in verdict.split("collapse value")[-1]:
+        return "Only the loss bar fails: plain SigLIP's spread and retrieval say it learned (RESULTS.md)."
+    if args.arch != "resnet18" and args.weights == "none":
+        return (f"A {args.arch} from scratch on few pairs sits at the collapse value for most of a run (its image head "
+                "collapses, the backbone's features stay spread); a lower --lr did not help (RESULTS.md).")
     return (f"Try a lower --lr (now {args.lr:g}) and more --epochs (now {args.epochs}): both losses sit on their "
             "collapse value for a while before they leave it, and a high lr can keep them there (RESULTS.md).")
 
@@ -474,8 +475,7 @@ def main(argv=None):
     collapse_value = collapse_loss(n, pos_weight) if args.loss == "sigmoid" else softmax_collapse_loss(n)
     model = ConVIRT(args.arch, args.weights, text_model, args.proj_dim, args.text_pool, max(args.t_init, t_min), b_init)
     if args.loss == "softmax":  # t and b unused: frozen, or DDP would wait for their gradients
-        model.t_prime.requires_grad_(False)
-        model.bias.requires_grad_(False)
+        model.t_prime.requires_grad_(False), model.bias.requires_grad_(False)
     model = run.prepare(model)
     model.tokenizer, model.max_tokens = tokenizer, args.max_tokens  # encode_text(list of str), as load() gives
     text_params = [p for p in model.text_encoder.parameters() if p.requires_grad]
@@ -543,13 +543,12 @@ def main(argv=None):
     if run.master and last_rec is not None:
         collapsed, verdict = collapse_verdict(epoch_loss, collapse_value, last_rec["spread"], last_eval, args.eval_k)
         run.write({"step": run.step, "collapsed": collapsed, "verdict": verdict})
-        print(verdict + ("" if not collapsed else f" {collapse_advice(args)}"))
+        print(verdict + ("" if not collapsed else f" {collapse_advice(args, verdict)}"))
     run.finish()
     if run.master:
-        print(f"checkpoint: {run.ckpt_path}")
-        task = "--task rsna" if args.data is None else "--task rsna --data /path/to/rsna"
-        if (Path(__file__).parent / "finetune.py").exists():
-            print(f"evaluate it: python finetune.py --ckpt {run.ckpt_path} {task} --arch {args.arch} --init random")
+        task = "--task rsna" + ("" if args.data is None else " --data /path/to/rsna")
+        print(f"checkpoint: {run.ckpt_path}\nevaluate it: python finetune.py --ckpt {run.ckpt_path} {task} "
+              f"--arch {args.arch} --init random --mode linear zeroshot")
     return last_eval
 
 

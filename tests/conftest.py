@@ -24,6 +24,18 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # no test may download
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a claim that takes minutes (the main job end to end): -m slow runs it")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`pytest -q` leaves the slow claims out (said as skipped); `pytest -m slow` runs them (CI does both)."""
+    if "slow" not in (config.getoption("-m") or ""):
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="minutes long: python -m pytest -q -m slow runs it"))
+
+
 @pytest.fixture(scope="session")
 def demo():
     import data
