@@ -447,10 +447,10 @@ def main(argv=None):
     run = data.Run(args, f"convirt-{args.loss}")  # process group, device, seeds, run folder, checkpoint to resume
     paths, sentences, reports, eval_paths, eval_labels = load_pairs(args)
     pick = RandomSentence(args.seed)
-    with run.rank0_first():  # workers read uint8 images, cached a little larger than the crop, and tokenise
-        dataset = data.ImageDataset(paths, list(enumerate(sentences)), None, pick, size=data.train_side(args.size),
-                                    channels=1, cache_dir=args.cache_dir or None, skip_bad=args.skip_bad,
-                                    workers=args.workers, progress=run.master, uint8=True)
+    # the workers read uint8 images, cached a little larger than the crop (the ranks share the cache), and tokenise
+    dataset = data.ImageDataset(paths, list(enumerate(sentences)), None, pick, size=data.train_side(args.size),
+                                channels=1, cache_dir=args.cache_dir or None, skip_bad=args.skip_bad,
+                                workers=args.workers, progress=run.master, uint8=True)
     augment = data.BatchAugment("convirt", args.size, 1, hflip=args.hflip)  # drawn on the device
 
     # text model: rebuilt from the checkpoint on resume; else named, or the demo's small BERT

@@ -580,7 +580,8 @@ class DecodeCache:
 
     ROOT/{size}px-{channels}ch-{dtype}/pixels.bin holds slots of C x size x size; index.json maps
     key = absolute path | file size | mtime_ns to a slot, so a file that changes is decoded again into a new slot.
-    Writers hold a lock on the folder (torchrun ranks and concurrent runs share one cache); readers only map it.
+    Writers hold a lock on the folder: torchrun ranks and concurrent runs share one cache, the first to take the
+    lock decodes and the others find it done; readers only map it.
     """
 
     def __init__(self, root, size, channels, dtype="uint8"):
@@ -1064,17 +1065,16 @@ def encoder_from_checkpoint(path, arch):
 
 def pretraining_images(args, run):
     """The image-only scripts' data set (the demo's train split or --data) as uint8 images cached a little larger
-    than the crop, rank 0 first; with no --aug, the preset is chosen from the images (preset_for) and said."""
+    than the crop; with no --aug, the preset is chosen from the images (preset_for) and said."""
     paths = unlabelled_images(args.data, args.image_col) if args.data else _demo().demo_images(args.demo)
     if args.aug is None:
         args.aug = preset_for(paths)
         args.channels = args.channels or (3 if args.aug.startswith("cytology") else 1)
         if run.master:
             print(f"--aug {args.aug}: chosen from the images; pass --aug to choose another")
-    with run.rank0_first():
-        return ImageDataset(paths, None, CLAHE() if args.clahe else None, size=train_side(args.size),
-                            channels=args.channels, cache_dir=args.cache_dir or None, skip_bad=args.skip_bad,
-                            workers=args.workers, progress=run.master, uint8=True)
+    return ImageDataset(paths, None, CLAHE() if args.clahe else None, size=train_side(args.size),
+                        channels=args.channels, cache_dir=args.cache_dir or None, skip_bad=args.skip_bad,
+                        workers=args.workers, progress=run.master, uint8=True)
 
 
 def embedding_spread(z):
@@ -1129,15 +1129,6 @@ class Run:
         self.step = self.epoch = self.epoch_step = 0
         self.epoch_done, self.stopped, self.warned, self.signal, self.log_file, self.handlers = \
             True, False, False, None, None, {}
-
-    @contextlib.contextmanager
-    def rank0_first(self):
-        """Rank 0 runs the block first (it builds the decode cache); the other ranks then only read."""
-        if self.world > 1 and not self.master:
-            torch.distributed.barrier()
-        yield
-        if self.world > 1 and self.master:
-            torch.distributed.barrier()
 
     def prepare(self, model):
         """On the device; on CUDA in channels_last and, under torchrun, with SyncBatchNorm (the CPU: per process)."""
