@@ -128,6 +128,14 @@ SIZES = {"simclr.py": 300, "byol.py": 340, "barlow.py": 350, "convirt.py": 560, 
 MAIN = {"simclr.py": 100, "byol.py": 100, "barlow.py": 100, "convirt.py": 150}
 
 
+@pytest.mark.xfail(strict=True, reason="data.py holds 1,386 lines against the 1,300 we aim for (issue 20): the features "
+                   "left to cut are named in its closing note; when it fits, this mark goes")
+def test_data_py_holds_its_size():
+    lines = (ROOT / "data.py").read_text().splitlines()
+    assert not [i + 1 for i, x in enumerate(lines) if len(x) > 120]
+    assert len(lines) <= 1300, f"data.py: {len(lines)} lines"
+
+
 @pytest.mark.parametrize("script", sorted(SIZES))
 def test_the_sizes_we_hold(script):
     src = (ROOT / script).read_text()
@@ -143,7 +151,11 @@ def test_the_sizes_we_hold(script):
         assert main.end_lineno - main.lineno + 1 <= MAIN[script]
     imports = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imports |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert not imports & {"simclr", "byol", "barlow", "convirt", "finetune", "demo"}, "scripts share only data.py"
+    # the one exception (README): finetune.py's zero-shot loads the image-text model with convirt.load, in a function
+    allowed = {"convirt"} if script == "finetune.py" else set()
+    assert not imports & {"simclr", "byol", "barlow", "convirt", "finetune", "demo"} - allowed, "scripts share data.py"
+    top = {a.name.split(".")[0] for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+    assert not top & {"simclr", "byol", "barlow", "convirt", "finetune", "demo"}, "no script imports another at the top"
 
 
 def test_one_script_copied_alone_runs_on_a_few_dicoms(tmp_path, demo):
