@@ -41,11 +41,9 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", action="append", default=[], help="pretrained checkpoint, PATH or NAME=PATH (repeatable)")
     p.add_argument("--init", action="append", default=[], choices=["imagenet", "random"], help="a baseline row")
-    p.add_argument("--arch", default="resnet18",
-                   choices=["resnet18", "resnet50", "densenet121", "efficientnet_b0", "vit_b_16"],
-                   help="encoder (vit_b_16 needs --size 224)")
-    p.add_argument("--task", default="rsna", choices=["rsna", "chexpert", "folder", "csv", "hicervix"],
-                   help="downstream task")
+    p.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet50", "densenet121", "efficientnet_b0",
+                                                          "vit_b_16"], help="encoder (vit_b_16 needs --size 224)")
+    p.add_argument("--task", default="rsna", choices=["rsna", "chexpert", "folder", "csv", "hicervix"], help="task")
     p.add_argument("--data", default=None, help="RSNA folder, CheXpert CSV, class folders, CSV; none: the demo sets")
     p.add_argument("--image-root", default=None, help="images of a CSV task (default: the CSV's folder)")
     p.add_argument("--label-col", default="label", help="csv task: label column (comma-separated for multi-label)")
@@ -99,8 +97,7 @@ def load_encoder(path, arch):
     a checkpoint without an encoder or an encoder of another architecture (data.encoder_from_checkpoint)."""
     net, dim, ck = data.encoder_from_checkpoint(path, arch)
     if ck["method"] not in METHODS:
-        raise ValueError(f"{path}: not a checkpoint of convirt.py, simclr.py, byol.py or barlow.py "
-                         f"(method {ck['method']!r})")
+        raise ValueError(f"{path}: not a checkpoint of convirt.py, simclr.py, byol.py or barlow.py ({ck['method']})")
     return net, dim
 
 
@@ -614,6 +611,7 @@ def main(argv=None):
     print(f"finetune: task {args.task} ({kind}, {len(names)} classes), {len(paths)} images (train {len(tr)} / val "
           f"{len(va)} / {'test' if args.score == 'test' else 'scored: val'} {len(te)}), rows {[r[0] for r in rows]}, "
           f"modes {args.mode}; split {out / 'split.json'} (sha256 {split_record['sha256'][:16]})")
+    split = (("val", "test"), (va, te))
     for name, (src, what) in rows:
         def fresh():
             if src == "init":
@@ -634,8 +632,7 @@ def main(argv=None):
                     torch.manual_seed(seed)
                     if zeroshot:  # the prompt set, too, is chosen on val
                         clip = image_text_model(what, device)
-                        emb = {k: extract(clip, loader_of(i), device, amp, clip.encode_image) for k, i in (("val", va),
-                                                                                                       ("test", te))}
+                        emb = {k: extract(clip, loader_of(i), device, amp, clip.encode_image) for k, i in zip(*split)}
                         sets = prompt_sets(names, kind, args.prompts)
                         auc = {k: metrics(kind, labels[va], zero_shot(clip, emb["val"], p, kind), mask=mask_all[va]
                                           )["auc"] or 0.0 for k, p in sets.items()}
@@ -666,6 +663,9 @@ def main(argv=None):
                         s_va, s_te = score(feats["val"]), score(feats["test"])
                     thr = choose_thresholds(kind, labels[va], s_va, mask_all[va])
                     m = metrics(kind, labels[te], s_te, thr, mask_all[te])
+                    if args.task == "chexpert":  # the 5 competition observations' mean, however many were scored
+                        m["auc_5"] = float(np.mean([a for n, a in zip(names, m["per_class_auc"])
+                                                    if n in data.CHEXPERT_5 and a is not None] or [np.nan]))
                     if args.bootstrap:
                         m["auc_boot"], m["f1_boot"] = bootstrap(kind, labels[te], s_te, thr, mask_all[te],
                                                                 args.bootstrap)
@@ -733,7 +733,7 @@ def figures(results, curves, y, mask, names, kind, fractions, out):
                      and c["auc"] is not None] for f in fractions]
             ax.plot(fractions, [np.mean(a) if a else np.nan for a in aucs], marker="o", label=f"{m} ({mode})")
     ax.set(xscale="log", xlabel="label fraction", ylabel="test AUC", title="AUC against label fraction")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7) if ax.lines else None  # zero-shot only: no line
     save_figure(fig, out / "auc_vs_fraction.png")
     fig, ax = plt.subplots(figsize=(5, 4))
     for (m, mode), (s, _) in curves.items():

@@ -260,6 +260,8 @@ def test_multilabel_chexpert_demo(tmp_path, demo):
                    "--workers", "0", "--uncertainty", "ignore", "--bootstrap", "50", "--out", tmp_path / "cx")
     res = json.loads((tmp_path / "cx" / "results.json").read_text())
     assert res[0]["auc"] is not None and len(res[0]["per_class_auc"]) >= 4 and "| random |" in p.stdout
+    # CheXpert's own figure beside the mean over every observation scored: the 5 competition observations' mean
+    assert 0 < res[0]["auc_5"] <= 1
 
 
 def test_clear_errors(tmp_path, demo):
