@@ -268,7 +268,7 @@ def test_main_job_does_not_collapse(tmp_path, demo):
     # 0.03-0.13, retrieval at chance.
     # (--eval-every 25 only thins the evaluations: training draws nothing there, and the last one is kept)
     out = tmp_path / "main"
-    p = run_script("convirt.py", "--loss", "sigmoid", "--eval-every", "25", "--out", out)
+    p = run_script("convirt.py", "--loss", "sigmoid", "--eval-every", "25", "--out", out, timeout=1800)  # 3-6 min alone
     assert "not collapsed:" in p.stdout, p.stdout[-2000:]
     lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     last_epoch = [r for r in lines if "epoch_loss" in r][-1]
@@ -345,11 +345,11 @@ def test_torchrun_with_a_hub_bert_that_has_its_pooler(tmp_path, demo):
     code = ("import sys, torch, convirt; m = convirt.load(sys.argv[1]); x = torch.zeros(3, 3, m.size, m.size); "
             "t = m.encode_text(['There is a pleural effusion.', 'The lungs are clear.']); i = m.encode_image(x); "
             "print(tuple(t.shape), tuple(i.shape), round(float(t.norm(dim=1).min()), 4), m.temperature, m.training)")
-    for path in (out / "checkpoint.pt", tmp_path / "older.pt"):
-        p = run_script("-c", code, path)
-        words = p.stdout.split()
-        assert words[:5] + words[6:] == ["(2,", "512)", "(3,", "512)", "1.0", "False"], p.stdout
-        assert float(words[5]) == pytest.approx(1 / math.exp(ck["model"]["t_prime"]))  # the sigmoid loss's 1/t
+    words = run_script("-c", code, out / "checkpoint.pt").stdout.split()  # a fresh process, as a user would
+    assert words[:5] + words[6:] == ["(2,", "512)", "(3,", "512)", "1.0", "False"], words
+    assert float(words[5]) == pytest.approx(1 / math.exp(ck["model"]["t_prime"]))  # the sigmoid loss's 1/t
+    older = convirt.load(tmp_path / "older.pt")
+    assert older.encode_text(["The lungs are clear."]).shape == (1, 512) and not older.training
     # one clear line for a checkpoint with no text tower, and for one written before tokenizers were saved
     ck["method"] = "simclr"
     torch.save(ck, tmp_path / "simclr.pt")
