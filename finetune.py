@@ -591,7 +591,8 @@ def main(argv=None):
     results = json.loads((out / "results.json").read_text()) if args.resume and (out / "results.json").exists() else []
     # a cell is done only if it came from the same weights: a checkpoint re-trained under the same name is re-evaluated
     source_of = {n: f"init:{w}" if src == "init" else source_id(w) for n, (src, w) in rows}
-    paired = {n: src == "ckpt" and data.load_checkpoint(w)["method"] == "convirt" for n, (src, w) in rows}
+    paired = {n: src == "ckpt" and data.load_checkpoint(w)["method"] == "convirt"
+              for n, (src, w) in rows if "zeroshot" in args.mode}  # the checkpoints read again for zero-shot only
     if "zeroshot" in args.mode and not any(paired.values()):
         raise ValueError("--mode zeroshot needs a convirt.py checkpoint (an image-text model); no row has a text tower")
 
@@ -613,13 +614,12 @@ def main(argv=None):
           f"modes {args.mode}; split {out / 'split.json'} (sha256 {split_record['sha256'][:16]})")
     split = (("val", "test"), (va, te))
     for name, (src, what) in rows:
-        def fresh():
-            if src == "init":
-                return data.image_encoder(args.arch, "imagenet" if what == "imagenet" else "none")
-            return load_encoder(what, args.arch)
+        def fresh():  # this row's encoder, as it starts, on the device
+            net, dim = data.image_encoder(args.arch, what) if src == "init" else load_encoder(what, args.arch)
+            return net.to(device), dim
         feats = None
         for mode in args.mode:
-            if mode == "zeroshot" and not paired[name]:
+            if mode == "zeroshot" and not paired.get(name):
                 print(f"  {name}: zero-shot needs a convirt.py checkpoint (an image-text model); skipped")
                 continue
             zeroshot = mode == "zeroshot"  # no labelled image: one cell, at fraction 0
@@ -640,7 +640,6 @@ def main(argv=None):
                         s_va, s_te = (zero_shot(clip, emb[k], sets[extra["prompts"]], kind) for k in ("val", "test"))
                     else:
                         enc, dim = fresh()
-                        enc = enc.to(device)
                     if mode in ("linear", "knn") and feats is None:  # frozen: extracted once per row, for every cell
                         feats = {k: extract(enc, loader_of(idx), device, amp).numpy()
                                  for k, idx in (("train", tr), ("val", va), ("test", te))}
