@@ -95,7 +95,6 @@ def get_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------- model
-
 class BarlowTwins(nn.Module):
     """Encoder f, projector h (linear layers with BatchNorm + ReLU between), and for AGBT the attention k."""
 
@@ -144,7 +143,6 @@ class LARS(torch.optim.Optimizer):
 
 
 # ---------------------------------------------------------------------------------------------- losses
-
 def gather(x, world):
     """The global batch on every rank; its backward carries each rank's gradient home (torch.distributed.nn)."""
     return torch.cat(dist_nn.all_gather(x), 0) if world > 1 else x
@@ -190,7 +188,6 @@ def off_diagonal_mean(z_a, z_b):
 
 
 # ---------------------------------------------------------------------------------------------- schedule
-
 def lr_factor(step, total, warmup):
     """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
     if step < warmup:
@@ -199,7 +196,6 @@ def lr_factor(step, total, warmup):
 
 
 # ---------------------------------------------------------------------------------------------- main
-
 def main(argv=None):
     args = get_args(argv)
     run = data.Run(args, args.loss)  # process group, device, seeds, run folder, checkpoint to resume from

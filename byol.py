@@ -89,7 +89,6 @@ def get_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------- model
-
 def mlp(dim_in, hidden, dim_out):
     """BYOL's projector and predictor: Linear, BatchNorm, ReLU, Linear."""
     return nn.Sequential(nn.Linear(dim_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
@@ -145,7 +144,6 @@ class LARS(torch.optim.Optimizer):
 
 
 # ---------------------------------------------------------------------------------------------- loss
-
 def byol_loss(p, z):
     """BYOL eq. 2: 2 - 2 cos(p, z), mean over the batch; z is a target, so no gradient flows into it."""
     return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=-1)).mean()
@@ -164,7 +162,6 @@ def ema_update(target, online, tau):
 
 
 # ---------------------------------------------------------------------------------------------- schedule
-
 def tau_schedule(step, total, base=0.996):
     """BYOL section 3.2: tau = 1 - (1 - base) (cos(pi k / K) + 1) / 2, from base at k = 0 to 1 at k = K."""
     return 1 - (1 - base) * (math.cos(math.pi * min(step, total) / max(total, 1)) + 1) / 2
@@ -178,7 +175,6 @@ def lr_factor(step, total, warmup):
 
 
 # ---------------------------------------------------------------------------------------------- main
-
 def main(argv=None):
     args = get_args(argv)
     run = data.Run(args, "byol")  # process group, device, seeds, run folder, checkpoint to resume from

@@ -1,9 +1,7 @@
-"""data.py: the one module the medssl scripts share.
-
-Reading DICOM and ordinary images, radiology reports, adapters for the real data sets' layouts, label files,
-patient-level splits and label fractions, the decode cache, the batched augmentation presets, and the run
-mechanics every script uses alike (process group, run folder and log, checkpoint and exact resume, encoder,
-kNN monitor, NaN guard). The demo data set is built by demo.py, imported only when it is asked for.
+"""data.py: the one module the medssl scripts share. DICOM and image reading, reports, data-set adapters, label
+files, patient splits and label fractions, the decode cache, the batched augmentation, and the run mechanics every
+script uses alike (process group, run folder and log, checkpoint and exact resume, encoder, kNN monitor, NaN guard).
+The demo data set is built by demo.py, imported only when it is asked for.
 
     python data.py demo /tmp/demo            # write the demo data set and print a summary
     python data.py bench-cache               # images/s: decoding full-size DICOM vs reading the cache
@@ -46,7 +44,6 @@ class BadImageError(Exception):
 
 
 # ------------------------------------------------------------------------------------------------------------ DICOM
-
 # Which package decodes which transfer syntax (pydicom's pixel-data handler table): JPEG, JPEG-LS; JPEG 2000, HTJ2K
 _DECODER_HINT = {**dict.fromkeys(["1.2.840.10008.1.2.4." + s for s in ("50", "51", "57", "70", "80", "81")],
                                  "pylibjpeg and pylibjpeg-libjpeg"),
@@ -163,32 +160,24 @@ def is_dicom(path):
 def preset_for(paths, n=16):
     """The augmentation preset that fits a folder of images: 'xray' when most of the first n readable
     files are grayscale (DICOM, a one-channel file, or colour whose channels agree), else 'cytology-A'."""
-    gray = colour = 0
+    gray = []
     for p in paths:
-        if gray + colour >= n:
-            break
         try:
-            if is_dicom(p):
-                gray += 1
-                continue
-            with Image.open(p) as im:
-                a = None if im.mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr") else \
-                    np.asarray(im.convert("RGB").resize((32, 32)), np.int16)
+            dicom = is_dicom(p)
+            if not dicom:
+                with Image.open(p) as im:
+                    a = np.asarray(im.convert("RGB").resize((32, 32)), np.int16)
         except OSError:
             continue  # unreadable files are the dataset's business
-        if a is None or np.abs(a - a.mean(2, keepdims=True)).max() <= 3:
-            gray += 1
-        else:
-            colour += 1
-    return "xray" if gray >= colour else "cytology-A"
+        gray.append(dicom or np.abs(a - a.mean(2, keepdims=True)).max() <= 3)
+        if len(gray) == n:
+            break
+    return "xray" if 2 * sum(gray) >= len(gray) else "cytology-A"
 
 
 def load_image(path, channels=1):
-    """Any supported image as float32 in [0, 1]: H x W (channels=1) or H x W x 3 (channels=3).
-
-    DICOM is recognised by its 'DICM' preamble, whatever the file is called; otherwise PNG (8/16 bit), JPEG,
-    BMP, TIFF via Pillow. channels=3 keeps colour and replicates gray; channels=1 turns colour into luminance.
-    """
+    """Any supported image as float32 in [0, 1], H x W (channels=1: colour -> luminance) or H x W x 3 (channels=3:
+    gray replicated): DICOM by its 'DICM' preamble, whatever its name; else PNG (8/16 bit), JPEG, BMP, TIFF."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     if not os.path.isfile(path):
@@ -233,7 +222,6 @@ def fit_square(img, size):
 
 
 # ---------------------------------------------------------------------------------------------------------- Reports
-
 # A heading: capitalised words ending in a colon, e.g. "FINDINGS:", "WET READ:", "PA AND LATERAL VIEWS OF THE CHEST:"
 _HEADING = re.compile(r"(?:(?<=^)|(?<=[\s.]))([A-Z][A-Z&/()\- ]{1,60}[A-Z)]):")
 _ALIASES = {"finding": "findings", "findings": "findings", "impression": "impression",
@@ -285,7 +273,6 @@ def report_sentences(text):
 
 
 # ---------------------------------- Data-set adapters: real on-disk layouts -> lists of paths (+ reports or labels)
-
 def _read_csv(csv_path, required=()):
     """Rows of a CSV as dicts; a missing file or column is a clear error naming both."""
     csv_path = str(csv_path)
@@ -319,8 +306,7 @@ def find_images(root):
 def mimic_cxr_pairs(root, metadata_csv=None, split_csv=None, split=None, views=("PA", "AP")):
     """(image paths, report texts, patient ids) in the MIMIC-CXR (DICOM) or MIMIC-CXR-JPG layout:
     root/files/p10/p10000032/s50414267/02aa804e-....dcm (or .jpg) beside root/files/p10/p10000032/s50414267.txt.
-    metadata_csv (mimic-cxr-2.0.0-metadata.csv): only ViewPosition in `views`; split_csv
-    (mimic-cxr-2.0.0-split.csv) with split 'train' | 'validate' | 'test': only that official split."""
+    metadata_csv: only ViewPosition in `views`; split_csv with split 'train' | 'validate' | 'test': that split."""
     root = Path(root)
     keep = []  # the sets of dicom_ids an image must be in
     if metadata_csv:
@@ -431,10 +417,9 @@ def read_class_folders(root, grouping=None):
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: data folder not found")
     folders = sorted(d.name for d in root.iterdir() if d.is_dir())
-    if isinstance(grouping, str):
-        if grouping not in GROUPINGS:
-            raise ValueError(f"unknown grouping {grouping!r}; known: {sorted(GROUPINGS)}")
-        grouping = GROUPINGS[grouping]
+    if isinstance(grouping, str) and grouping not in GROUPINGS:
+        raise ValueError(f"unknown grouping {grouping!r}; known: {sorted(GROUPINGS)}")
+    grouping = GROUPINGS[grouping] if isinstance(grouping, str) else grouping
     if grouping and any(f not in grouping for f in folders):
         raise ValueError(f"{root}: folders {[f for f in folders if f not in grouping]} are not in the grouping "
                          f"{sorted(grouping)}")
@@ -450,16 +435,11 @@ def read_class_folders(root, grouping=None):
     return paths, np.asarray(labels, np.int64), names
 
 
-def read_hicervix(csv_path, image_root, level=1, image_col="image_name"):
-    """HiCervix: read_label_csv on its hierarchical column level_{level} (1-3); rows with no label at that level
-    (the class has no finer one) are left out."""
-    return read_label_csv(csv_path, image_col, f"level_{level}", image_root)
-
-
 def read_label_csv(csv_path, path_col="path", label_col="label", root=None):
     """(paths, labels, class names) of a CSV: a path column and one label column (class names or integers:
     multi-class; a row with an empty cell has no label and is left out) or a list of columns (0/1: multi-label).
-    Relative paths are read from `root` (default: the CSV's folder)."""
+    Relative paths are read from `root` (default: the CSV's folder). HiCervix: path_col "image_name", label_col
+    "level_1", "level_2" or "level_3" (a class with no finer level has an empty cell there)."""
     cols = [label_col] if isinstance(label_col, str) else list(label_col)
     rows = _read_csv(csv_path, [path_col] + cols)
     rows = rows if len(cols) > 1 else [r for r in rows if (r[label_col] or "").strip()]
@@ -473,7 +453,6 @@ def read_label_csv(csv_path, path_col="path", label_col="label", root=None):
 
 
 # --------------------------------------------------------------------------------------- Splits and label fractions
-
 def patient_split(ids, fractions=(0.7, 0.15, 0.15), seed=0):
     """Index arrays, one per fraction, with no patient in two of them: the patients, shuffled with `seed`, are
     dealt in turn to the split furthest below its share of images, so the counts follow `fractions`."""
@@ -493,13 +472,9 @@ def patient_split(ids, fractions=(0.7, 0.15, 0.15), seed=0):
     return [np.asarray(sorted(o), np.int64) for o in out]
 
 
-EVAL_SPLIT = (0.6, 0.2, 0.2)
-
-
 def eval_split(ids):
-    """finetune.py's (train, val, test) index arrays: 60 / 20 / 20 by patient, seed 0, the same for
-    every method; the demo's pretraining sets hold only the train part (see demo.demo_images)."""
-    return patient_split(ids, EVAL_SPLIT, seed=0)
+    """finetune.py's (train, val, test) index arrays: 60 / 20 / 20 by patient, seed 0, alike for every method."""
+    return patient_split(ids, (0.6, 0.2, 0.2), seed=0)
 
 
 def official_split(paths, split_csv):
@@ -529,14 +504,12 @@ def label_fraction(labels, fraction, seed=0):
         return np.sort(np.concatenate(chosen))
     order = rng.permutation(len(labels))
     chosen = set(order[:max(1, int(round(fraction * len(labels))))].tolist())
-    for c in range(labels.shape[1]):
-        pos = order[labels[order, c] > 0]
-        chosen.update(pos[:1].tolist())
+    for c in range(labels.shape[1]):  # each class's first positive in that order
+        chosen.update(order[labels[order, c] > 0][:1].tolist())
     return np.asarray(sorted(chosen), np.int64)
 
 
 # ----------------------------------------------------------------------------------------------------- Decode cache
-
 @contextlib.contextmanager
 def file_lock(path):
     """Hold an exclusive lock on `path` for the block (torchrun ranks may ask at once): fcntl, or msvcrt on Windows."""
@@ -576,33 +549,23 @@ def _decode_one(job):
 
 
 class DecodeCache:
-    """Decoded, resized images in one on-disk numpy memmap, shared by epochs, runs and workers.
+    """Decoded, resized images in one on-disk uint8 memmap (ROOT/{size}px-{channels}ch-uint8/pixels.bin, slots of
+    C x size x size), shared by epochs, runs and workers; index.json maps absolute path | size | mtime_ns to a slot,
+    so a changed file is decoded again. Writers hold a lock on the folder: torchrun ranks and concurrent runs
+    share one cache, the first to take the lock decodes and the others find it done; readers only map it."""
 
-    ROOT/{size}px-{channels}ch-{dtype}/pixels.bin holds slots of C x size x size; index.json maps
-    key = absolute path | file size | mtime_ns to a slot, so a file that changes is decoded again into a new slot.
-    Writers hold a lock on the folder: torchrun ranks and concurrent runs share one cache, the first to take the
-    lock decodes and the others find it done; readers only map it.
-    """
-
-    def __init__(self, root, size, channels, dtype="uint8"):
-        if dtype not in ("uint8", "uint16"):
-            raise ValueError(f"cache dtype must be uint8 or uint16, got {dtype}")
-        self.size, self.channels, self.dtype = size, channels, np.dtype(dtype)
-        self.scale = float(np.iinfo(self.dtype).max)
-        self.dir = Path(root) / f"{size}px-{channels}ch-{dtype}"
+    def __init__(self, root, size, channels):
+        self.size, self.channels = size, channels
+        self.dir = Path(root) / f"{size}px-{channels}ch-uint8"  # 8 bits: what a display shows after windowing
         self.data_path, self.index_path = self.dir / "pixels.bin", self.dir / "index.json"
         self.shape, self._mm, self.hits, self.misses = (channels, size, size), None, 0, 0
-
-    @staticmethod
-    def key(path):
-        st = os.stat(path)
-        return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
 
     def build(self, paths, workers=0, progress=False):
         """(slot per path, -1 when unreadable; {path: reason} of the unreadable ones). Decodes only what the index
         lacks; a file that fails is remembered with its key, so it is not retried on every run."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        keys = [self.key(p) if os.path.isfile(p) else None for p in paths]
+        keys = [f"{os.path.abspath(p)}|{os.path.getsize(p)}|{os.stat(p).st_mtime_ns}" if os.path.isfile(p) else None
+                for p in paths]
         with file_lock(self.dir / "lock"):
             index = json.loads(self.index_path.read_text()) if self.index_path.is_file() else {"slots": {}, "bad": {}}
             known = index["slots"].keys() | index["bad"].keys()
@@ -613,8 +576,7 @@ class DecodeCache:
                 spawn = multiprocessing.get_context("spawn")  # not fork: a fork of torch's OpenMP threads can deadlock
                 pool = spawn.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) if workers > 1 else None
                 results = pool.imap(_decode_one, jobs, chunksize=8) if pool else map(_decode_one, jobs)
-                slot_bytes = self.dtype.itemsize * int(np.prod(self.shape))
-                nslots = self.data_path.stat().st_size // slot_bytes if self.data_path.is_file() else 0
+                nslots = self.data_path.stat().st_size // int(np.prod(self.shape)) if self.data_path.is_file() else 0
                 try:
                     with open(self.data_path, "ab") as out:
                         for (k, p), (arr, err) in tqdm(zip(todo, results), total=len(jobs), desc="decoding into cache",
@@ -622,7 +584,7 @@ class DecodeCache:
                             if err:
                                 index["bad"][k] = err
                             else:
-                                out.write(np.rint(arr * self.scale).astype(self.dtype).tobytes())
+                                out.write(np.rint(arr * 255).astype(np.uint8).tobytes())
                                 index["slots"][k], nslots = nslots, nslots + 1
                 finally:
                     if pool:
@@ -634,47 +596,43 @@ class DecodeCache:
         return [index["slots"].get(k, -1) if k else -1 for k in keys], bad
 
     def read(self, slot, uint8=False):
-        """The slot as a float C x S x S tensor in [0, 1], or (uint8=True, a uint8 cache) as stored."""
+        """The slot as a float C x S x S tensor in [0, 1], or (uint8=True) as stored."""
         if self._mm is None or self._mm.shape[0] <= slot:  # opened lazily: each DataLoader worker maps its own
-            n = self.data_path.stat().st_size // (self.dtype.itemsize * int(np.prod(self.shape)))
-            self._mm = np.memmap(self.data_path, dtype=self.dtype, mode="r", shape=(n,) + self.shape)
-        if uint8 and self.dtype == np.uint8:
-            return torch.from_numpy(np.array(self._mm[slot]))
-        return torch.from_numpy(np.asarray(self._mm[slot], dtype=np.float32) / self.scale)
+            n = self.data_path.stat().st_size // int(np.prod(self.shape))
+            self._mm = np.memmap(self.data_path, dtype=np.uint8, mode="r", shape=(n,) + self.shape)
+        return torch.from_numpy(np.array(self._mm[slot]) if uint8 else np.asarray(self._mm[slot], np.float32) / 255)
 
     def __getstate__(self):  # a memmap is not sent to worker processes; each opens its own
         return {**self.__dict__, "_mm": None}
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Images (+ targets) -> (transform(image), target_transform(target)).
-
-    An image is a float C x size x size tensor in [0, 1], read from the decode cache when `cache_dir` is given
-    (built here, before any DataLoader worker starts) or decoded on the fly; targets: labels, report texts, or
-    None (-> the index). skip_bad: False -> an unreadable file raises BadImageError naming it; True -> it is
-    skipped and listed by report_skipped(). uint8: images as a uint8 cache stores them (a quarter of the bytes
-    through the DataLoader; BatchAugment makes them float on the device).
-    """
+    """Images (+ targets: labels, report texts, None -> the index) -> (transform(image), target_transform(target)).
+    An image: a float C x size x size tensor in [0, 1] from the decode cache (`cache_dir`, built here before any
+    worker starts) or decoded on the fly; uint8: as the cache stores them (a quarter of the bytes through the
+    DataLoader). skip_bad: an unreadable file is left out and listed by report_skipped(), else an error naming it."""
 
     def __init__(self, paths, targets=None, transform=None, target_transform=None, size=224, channels=1,
-                 cache_dir=None, cache_dtype="uint8", skip_bad=False, workers=0, progress=False, uint8=False):
+                 cache_dir=None, skip_bad=False, workers=0, progress=False, uint8=False):
         if len(paths) == 0:
             raise ValueError("the data set is empty: no images were found")
         self.paths, self.size, self.channels, self.targets = list(map(str, paths)), size, channels, targets
         self.transform, self.target_transform, self.skip_bad = transform, target_transform, skip_bad
         self.cache, self.skipped, self.uint8 = None, {}, uint8
-        self.index = np.arange(len(self.paths))
         if cache_dir:
-            self.cache = DecodeCache(cache_dir, size, channels, cache_dtype)
+            self.cache = DecodeCache(cache_dir, size, channels)
             self.slots, bad = self.cache.build(self.paths, workers=workers, progress=progress)
-            if bad and not skip_bad:
-                more = f" (and {len(bad) - 1} more unreadable files; --skip-bad skips them)" if len(bad) > 1 else ""
-                raise BadImageError(next(iter(bad.values())) + more)
-            self.skipped = bad
-            self.index = np.asarray([i for i, s in enumerate(self.slots) if s >= 0], np.int64)
-            if len(self.index) == 0:
-                raise ValueError(f"none of the {len(self.paths)} images could be read; first error: "
-                                 f"{next(iter(bad.values()))}")
+        else:  # decoded in the workers; with skip_bad each file is read once now, so the unreadable ones are known
+            jobs = [(p, size, channels) for p in self.paths] if skip_bad else []
+            bad = {p: err for (p, _, _), (_, err) in zip(jobs, map(_decode_one, jobs)) if err}
+        if bad and not skip_bad:
+            more = f" (and {len(bad) - 1} more unreadable files; --skip-bad skips them)" if len(bad) > 1 else ""
+            raise BadImageError(next(iter(bad.values())) + more)
+        self.skipped = bad
+        self.index = np.asarray([i for i, p in enumerate(self.paths) if p not in bad], np.int64)
+        if len(self.index) == 0:
+            raise ValueError(f"none of the {len(self.paths)} images could be read; first error: "
+                             f"{next(iter(bad.values()))}")
 
     def __len__(self):
         return len(self.index)
@@ -688,22 +646,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return (img * 255).round().to(torch.uint8) if self.uint8 else img
 
     def __getitem__(self, i):
-        for _ in range(len(self)):  # an unreadable file (only met here without the cache) yields the next one
-            try:
-                img = self.read(i)
-                break
-            except BadImageError as e:
-                if not self.skip_bad:
-                    raise
-                path = self.paths[int(self.index[i])]
-                if path not in self.skipped:
-                    self.skipped[path] = str(e)
-                    print(f"skipping unreadable file: {e}", file=sys.stderr)
-                i = (i + 1) % len(self)
-        else:
-            raise BadImageError(f"none of the {len(self)} images could be read; first error: "
-                                f"{next(iter(self.skipped.values()))}")
-        j = int(self.index[i])
+        img, j = self.read(i), int(self.index[i])
         t = self.targets[j] if self.targets is not None else j
         t = self.target_transform(t) if self.target_transform is not None else t
         return (self.transform(img) if self.transform else img), t
@@ -715,7 +658,6 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 # ------------------------------------------------------------- Per-image transforms (run in the DataLoader workers)
-
 class CLAHE(torch.nn.Module):
     """Contrast-limited adaptive histogram equalisation (scikit-image's equalize_adapthist) of one C x H x W image,
     float in [0, 1] or uint8 (returned as it came); deterministic, run in the workers before BatchAugment."""
@@ -751,7 +693,6 @@ def eval_transform(size):
 
 
 # -------------------------------------------- Batched augmentation: the presets on a whole batch, on its own device
-
 PRESETS = ["xray", "xray-chessboard", "cytology-A", "cytology-B", "cytology-C", "cytology-D", "cytology-E", "simclr"]
 
 
@@ -767,19 +708,14 @@ def epoch_generator(device, seed, epoch, rank=0):
     return torch.Generator(device=device).manual_seed(mixed)
 
 
-def _rand(g, *shape):
-    return torch.rand(shape, generator=g, device=g.device)
-
-
-def _uniform(g, shape, lo, hi):
-    return _rand(g, *shape) * (hi - lo) + lo
+def _uniform(g, shape, lo=0.0, hi=1.0):
+    return torch.rand(shape, generator=g, device=g.device) * (hi - lo) + lo
 
 
 def _boxes(g, n, height, width, scale, ratio, erase=False):
-    """(top, left, h, w, found) per image, torchvision's RandomResizedCrop (or, erase, RandomErasing) draw:
-    ten tries of an area fraction in `scale` and a log-uniform aspect ratio r in `ratio`, the first that
-    fits; none fits: the whole image (crop) or nothing (erasing, found False). The crop's w = sqrt(area r),
-    the erased box's h = sqrt(area r), as torchvision's get_params have them."""
+    """(top, left, h, w, found) per image, torchvision's RandomResizedCrop (or, erase, RandomErasing) draw: ten
+    tries of an area fraction in `scale` and a log-uniform aspect ratio r in `ratio`, the first that fits; none
+    fits: the whole image (crop) or nothing (erasing, found False). The crop's w = sqrt(area r), the erased h."""
     area = _uniform(g, (n, 10), *scale) * height * width
     r = torch.exp(_uniform(g, (n, 10), math.log(ratio[0]), math.log(ratio[1])))
     h, w = torch.sqrt(area / r).round(), torch.sqrt(area * r).round()
@@ -789,7 +725,7 @@ def _boxes(g, n, height, width, scale, ratio, erase=False):
     found = fits.any(1)
     h = torch.where(found, h.gather(1, pick)[:, 0], torch.full_like(h[:, 0], height))
     w = torch.where(found, w.gather(1, pick)[:, 0], torch.full_like(w[:, 0], width))
-    top, left = torch.floor(_rand(g, n) * (height - h + 1)), torch.floor(_rand(g, n) * (width - w + 1))
+    top, left = torch.floor(_uniform(g, (n,)) * (height - h + 1)), torch.floor(_uniform(g, (n,)) * (width - w + 1))
     return top, left, h, w, found
 
 
@@ -843,16 +779,13 @@ def _subset(mask, fn, x, where=False):
 def jitter_images(x, factors, order, where=False):
     """torchvision's ColorJitter with per-image factors (brightness, contrast, saturation: n each;
     hue: a shift, n) applied in a per-image order (n x 4, a permutation of 0..3); where: see _subset."""
-    def op(k):
+    def op(k):  # brightness, contrast, saturation: a blend with black, the mean gray, the gray image; hue: a shift
         def run(y, idx):
-            f = factors[k][idx]
-            if k == 0:
-                return (y * _per_image(f)).clamp(0, 1)
-            if k == 1:
-                return (_per_image(f) * y + (1 - _per_image(f)) * _gray(y).mean((1, 2, 3), keepdim=True)).clamp(0, 1)
-            if k == 2:
-                return (_per_image(f) * y + (1 - _per_image(f)) * _gray(y)).clamp(0, 1)
-            return _hue_shift(y, f)
+            if k == 3:
+                return _hue_shift(y, factors[3][idx])
+            f = _per_image(factors[k][idx])
+            other = 0.0 if k == 0 else _gray(y).mean((1, 2, 3), keepdim=True) if k == 1 else _gray(y)
+            return (f * y + (1 - f) * other).clamp(0, 1)
         return run
 
     used = [k for k in range(4) if factors[k] is not None and (k < 2 or x.shape[1] == 3)]
@@ -868,19 +801,8 @@ class BatchAugment:
     `sample` from one generator (epoch_generator: a resumed run draws the same) and applied by `apply`: crop,
     flips, rotation or affine and the elastic field composed into one grid_sample, then the intensity operations.
     Input B x C x S x S, uint8 or float in [0, 1] (S = train_side(size)); output B x 3 x size x size, ImageNet-
-    normalised. Each operation draws as torchvision's transform of that name does (tests hold them to it).
-      xray        the X-ray augmentation study's rotation (+-10 deg, p 0.5), blur (p 0.3) and erasing (p 0.3),
-                  without its flip (laterality matters), + crop 0.6-1 and brightness/contrast jitter (`jitter`)
-      xray-chessboard  xray + the study's chessboard mask (p 0.3, 2-8 cells); opt-in: at 64 px it hides findings
-      cytology-A  crop 0.5-1 + horizontal/vertical flip (the cytology study's baseline)
-      cytology-B  A + colour jitter (0.4, 0.4, 0.4, 0.1; p 0.8) + histogram equalisation (p 0.3)
-      cytology-C  A + soft elastic deformation (alpha 20, sigma 6; p 0.7)
-      cytology-D  A + blur (p 0.5) + speckle noise x (1 + sigma n), sigma 0.05-0.2 (p 0.5)
-      cytology-E  A + blur or sharpen (factor 3), one of the two
-      simclr      SimCLR's: crop 0.08-1, flip, colour jitter 0.8 (p 0.8), grayscale (p 0.2), blur (p 0.5)
-      convirt     ConVIRT's: crop 0.6-1, affine +-20 deg / shift 0.1 / scale 0.95-1.05, brightness and contrast
-                  0.6-1.4, blur sigma 0.1-3 at 224 px (scaled with the side); no flip unless hflip
-    Why each choice: RESULTS.md.
+    normalised. Each operation draws as torchvision's transform of that name does (tests hold them to it). The
+    presets (xray, xray-chessboard, cytology-A..E, simclr, convirt): README's table; why each choice: RESULTS.md.
     """
 
     def __init__(self, preset, size, channels=1, jitter=0.3, hflip=False):
@@ -896,7 +818,7 @@ class BatchAugment:
     def sample(self, g, n, side):
         p, s = self.preset, self.size
         xray, cyto, colour, convirt = p.startswith("xray"), p.startswith("cytology"), self.channels == 3, p == "convirt"
-        coin = lambda prob: _rand(g, n) < prob  # noqa: E731
+        coin = lambda prob: _uniform(g, (n,)) < prob  # noqa: E731
         scale = (0.6 if xray or convirt else 0.08 if p == "simclr" else 0.5, 1.0)
         ratio = (0.85, 1.15) if xray else (3 / 4, 4 / 3)
         params = {"crop": _boxes(g, n, side, side, scale, ratio)[:4]}
@@ -910,7 +832,8 @@ class BatchAugment:
         params["zoom"] = _uniform(g, (n,), 0.95, 1.05) if convirt else None
         params["elastic"] = None
         if p == "cytology-C":  # torchvision's ElasticTransform(alpha 20, sigma 6), p 0.7
-            field = _blur(_rand(g, n, 2, s, s) * 2 - 1, torch.full((n,), 6.0, device=g.device), int(8 * 6.0 + 1) | 1)
+            sigma = torch.full((n,), 6.0, device=g.device)
+            field = _blur(_uniform(g, (n, 2, s, s), -1.0, 1.0), sigma, int(8 * 6.0 + 1) | 1)
             params["elastic"] = field * 20.0 / s * _per_image(coin(0.7))
         blur_p = {"xray": 0.3, "xray-chessboard": 0.3, "cytology-D": 0.5, "simclr": 0.5, "cytology-E": 0.5,
                   "convirt": 1.0}.get(p)
@@ -923,7 +846,7 @@ class BatchAugment:
         if amounts:
             factors = [_uniform(g, (n,), max(0, 1 - a), 1 + a) if a else None for a in amounts[:3]]
             factors.append(_uniform(g, (n,), -amounts[3], amounts[3]) if amounts[3] else None)
-            params["jitter"] = (coin(1.0 if xray or convirt else 0.8), factors, torch.argsort(_rand(g, n, 4), 1))
+            params["jitter"] = (coin(1.0 if xray or convirt else 0.8), factors, torch.argsort(_uniform(g, (n, 4)), 1))
         params["equalize"] = coin(0.3) if p == "cytology-B" else None
         params["gray"] = coin(0.2) if p == "simclr" and colour else None
         params["noise"] = (coin(0.5), _uniform(g, (n,), 0.05, 0.2),
@@ -1083,8 +1006,8 @@ def embedding_spread(z):
 
 
 class ResumableSampler(torch.utils.data.distributed.DistributedSampler):
-    """DistributedSampler (its order a function of seed and epoch) starting `skip` samples in: a run resumed
-    inside an epoch neither reads nor decodes the batches already done."""
+    """DistributedSampler starting `skip` samples in: a run resumed mid-epoch neither reads nor decodes the batches
+    done. Its order is a function of (seed, epoch)."""
     skip = 0
 
     def __iter__(self):
@@ -1119,7 +1042,6 @@ class Run:
         np.random.seed(a.seed)
         if a.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
         self.out = Path(a.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.ckpt_path = self.out / "checkpoint.pt"
         if self.ckpt_path.exists() != bool(a.resume):
@@ -1280,8 +1202,7 @@ class Run:
         return self.mean(self.loss_sum) / max(self.epoch_step, 1)
 
     def save(self):
-        """The checkpoint, written atomically by rank 0 with CPU tensors (it loads on any machine): the entries, the
-        run's place, the random states."""
+        """The checkpoint (the entries, the run's place, the random states), written atomically by rank 0 on the CPU."""
         self.check_finite()
         if self.master:
             rng = {"torch": torch.get_rng_state(), "views": self.rng.get_state(),
@@ -1296,9 +1217,8 @@ class Run:
 
     def finish(self):
         """Close the log, give the signal handlers back, leave the process group."""
-        for sig, handler in self.handlers.items():
-            signal.signal(sig, handler)
-        self.handlers = {}
+        for sig in list(self.handlers):
+            signal.signal(sig, self.handlers.pop(sig))
         if self.log_file is not None:
             self.log_file.close()
             self.log_file = None
@@ -1308,10 +1228,8 @@ class Run:
 
 def to_cpu(obj):
     """The same nesting of dicts, lists and tuples with every tensor on the CPU."""
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
+    if isinstance(obj, (dict, list, tuple)):
+        return {k: to_cpu(v) for k, v in obj.items()} if isinstance(obj, dict) else type(obj)(map(to_cpu, obj))
     return obj.detach().cpu() if torch.is_tensor(obj) else obj
 
 
@@ -1323,13 +1241,11 @@ class KNNMonitor:
     test patients), half its patients the bank, half the queries; top-1 accuracy of the weighted kNN."""
 
     def __init__(self, args, run):
-        if args.eval_data == "demo":
-            task = "cytology" if args.demo == "cytology" else "rsna"
-            paths, labels, _, ids = _demo().demo_labelled(task, without_test=True)
-        else:
-            read = read_label_csv if args.eval_data.endswith(".csv") else read_class_folders
-            paths, labels, _ = read(args.eval_data)
-            ids = paths
+        read = read_label_csv if args.eval_data.endswith(".csv") else read_class_folders
+        task = "cytology" if args.demo == "cytology" else "rsna"
+        paths, labels, _, ids = (_demo().demo_labelled(task, without_test=True) if args.eval_data == "demo"
+                                 else (*read(args.eval_data), None))
+        ids = ids or paths
         ds = ImageDataset(paths, None, eval_transform(args.size), size=args.size, channels=args.channels,
                           cache_dir=args.cache_dir or None, skip_bad=args.skip_bad)
         self.labels = torch.as_tensor(np.asarray(labels)[ds.index])
@@ -1368,10 +1284,8 @@ def knn_accuracy(bank, bank_y, queries, query_y, k=KNN_K, t=KNN_T):
 
 
 # --------------------------------------------------- The demo data set: demo.py, imported only when it is asked for
-
 def __getattr__(name):
-    """data.demo_root, demo_pairs, demo_images, demo_labelled (PEP 562): they live in demo.py with the generator,
-    which someone training on their own data never loads."""
+    """data.demo_root, demo_pairs, demo_images, demo_labelled (PEP 562): from demo.py, loaded on first use."""
     if name.startswith("demo_") or name == "DEMO_VERSION":
         return getattr(_demo(), name)
     raise AttributeError(f"module 'data' has no attribute {name!r}")

@@ -30,7 +30,6 @@ from data import (CHEXPERT_14, HERLEV_CLASSES, ImageDataset, default_cache_dir, 
 # ----------------------------------------------------------------------------------
 # The demo data set's accessors (data.demo_root, ... reach them through data.__getattr__)
 # ----------------------------------------------------------------------------------
-
 DEMO_VERSION = 3  # 2: 600 RSNA-style images, RSNA and cytology on their own random streams; 3: a MIMIC test split
 
 
@@ -572,7 +571,6 @@ def bench_cache(n=40, size=224, source_size=2048, workers=0):
 # ----------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="medssl data tools")

@@ -91,7 +91,6 @@ def get_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------- model
-
 def load_encoder(path, arch):
     """The image encoder of a pretraining checkpoint: read as weights only, one clear line for a foreign file,
     a checkpoint without an encoder or an encoder of another architecture (data.encoder_from_checkpoint)."""
@@ -109,7 +108,6 @@ def last_conv_block(net):
 
 
 # ---------------------------------------------------------------------------------------------- metrics
-
 def best_f1_threshold(y, s):
     """The score threshold that maximises F1 on (y, s) (chosen on validation, applied to test)."""
     from sklearn.metrics import precision_recall_curve
@@ -283,7 +281,6 @@ def grad_cam(model, layer, x, target):
 
 
 # ---------------------------------------------------------------------------------------------- schedule
-
 def lr_factor(step, total, warmup):
     """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
     if step < warmup:
@@ -292,7 +289,6 @@ def lr_factor(step, total, warmup):
 
 
 # ---------------------------------------------------------------------------------------------- main
-
 def load_task(args):
     """(paths, labels, mask or None, class names, patient ids, kind)."""
     demo = args.data is None
@@ -322,11 +318,11 @@ def load_task(args):
         paths, labels, names, ids = data.demo_labelled("cytology-2class" if args.grouping == "herlev-2class"
                                                        else "cytology")
     else:
-        cols = args.label_col.split(",")
+        path_col, cols = (("image_name", [f"level_{args.level}"]) if args.task == "hicervix"
+                          else ("path", args.label_col.split(",")))
         paths, labels, names = (data.read_class_folders(args.data, args.grouping) if args.task == "folder" else
-                                data.read_hicervix(args.data, args.image_root, args.level) if args.task == "hicervix"
-                                else data.read_label_csv(args.data, label_col=cols if len(cols) > 1 else cols[0],
-                                                         root=args.image_root))
+                                data.read_label_csv(args.data, path_col, cols if len(cols) > 1 else cols[0],
+                                                    args.image_root))
         ids = paths
     if labels.ndim == 2:  # a CSV with several 0/1 label columns
         return paths, labels, None, names, ids, "multilabel"

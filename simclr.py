@@ -86,7 +86,6 @@ def get_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------- model
-
 class SimCLR(nn.Module):
     """Encoder f and projection MLP g (Linear, BatchNorm, ReLU, Linear), SimCLR v2's head."""
 
@@ -124,7 +123,6 @@ class LARS(torch.optim.Optimizer):
 
 
 # ---------------------------------------------------------------------------------------------- loss
-
 def gather(x, world):
     """The global batch on every rank; its backward carries each rank's gradient home (torch.distributed.nn)."""
     return torch.cat(dist_nn.all_gather(x), 0) if world > 1 else x
@@ -150,7 +148,6 @@ def nt_xent(z1, z2, temperature=0.1, z1_all=None, z2_all=None, offset=0):
 
 
 # ---------------------------------------------------------------------------------------------- schedule
-
 def lr_factor(step, total, warmup):
     """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
     if step < warmup:
@@ -159,7 +156,6 @@ def lr_factor(step, total, warmup):
 
 
 # ---------------------------------------------------------------------------------------------- main
-
 def main(argv=None):
     args = get_args(argv)
     run = data.Run(args, "simclr")  # process group, device, seeds, run folder, checkpoint to resume from
