@@ -87,7 +87,7 @@ def launch(variant, seed, args):
                "--size", str(args.size), "--seed", str(seed), "--out", str(folder), *resume, *args.extra]
         env = dict(os.environ)
         if args.device == "cpu":
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / "stdout.txt", "a") as f:
             p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)

@@ -43,10 +43,11 @@ def demo():
     return data.demo_root()
 
 
-def run_script(*args, timeout=600, cwd=None, check=True):
+def run_script(*args, timeout=600, cwd=None, check=True, env=None):
     """Run a project script as a user would, in a subprocess; return the CompletedProcess."""
     cmd = [sys.executable, *map(str, args)]
-    p = subprocess.run(cmd, cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cmd, cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout,
+                       env=None if env is None else {**os.environ, **env})
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
@@ -71,10 +72,12 @@ def check_exact_resume(script, args, tmp_path, steps_per_epoch, rel=1e-5):
 
     import torch
 
-    run_script(script, *args, "--out", tmp_path / "full")
+    one = {**os.environ, "OMP_NUM_THREADS": "1"}  # the whole run beside the cut one, each on one core
+    full = subprocess.Popen([sys.executable, script, *map(str, args), "--out", str(tmp_path / "full")], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one)
     cut = tmp_path / "cut"
     p = subprocess.Popen([sys.executable, script, *map(str, args), "--out", str(cut)], cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one)
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None:
         if (cut / "log.jsonl").is_file() and len(logged_losses(cut)) >= 2:
@@ -85,10 +88,12 @@ def check_exact_resume(script, args, tmp_path, steps_per_epoch, rel=1e-5):
     assert p.returncode == 1 and "stopped by SIGTERM at step" in err, (p.returncode, out[-2000:], err[-2000:])
     stopped = torch.load(cut / "checkpoint.pt", weights_only=True)
     assert stopped["step"] == len(logged_losses(cut)) < 2 * steps_per_epoch
-    run_script(script, "--resume", "--out", cut, "--max-steps", steps_per_epoch + 2)
+    run_script(script, "--resume", "--out", cut, "--max-steps", steps_per_epoch + 2, env=one)
     ck = torch.load(cut / "checkpoint.pt", weights_only=True)
     assert (ck["epoch"], ck["epoch_step"], ck["epoch_done"]) == (1, 2, False)
-    run_script(script, "--resume", "--out", cut)
+    run_script(script, "--resume", "--out", cut, env=one)
+    out, err = full.communicate(timeout=600)
+    assert full.returncode == 0, err[-3000:]
     full, resumed = logged_losses(tmp_path / "full"), logged_losses(cut)
     assert len(full) == 2 * steps_per_epoch and [s for s, _ in resumed] == [s for s, _ in full]
     for (_, a), (_, b) in zip(full, resumed):

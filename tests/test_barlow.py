@@ -185,8 +185,8 @@ def test_smoke_and_checkpoint_into_torchvision(loss, tmp_path, demo):
 
 
 def test_exact_resume(tmp_path, demo):
-    # 168 train-split cytology images / batch 32 = 5 steps an epoch
-    check_exact_resume("barlow.py", ["--loss", "agbt", *SMALL, "--batch-size", "32", "--workers", "2", "--epochs", "2",
+    # 168 train-split cytology images / batch 32 = 5 steps an epoch (DataLoader workers: simclr's and convirt's tests)
+    check_exact_resume("barlow.py", ["--loss", "agbt", *SMALL, "--batch-size", "32", "--epochs", "2",
                                      "--knn-every", "0", "--deterministic"], tmp_path, 5)
 
 

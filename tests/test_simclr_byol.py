@@ -190,8 +190,9 @@ def test_every_augmentation_preset_runs(module, preset, tmp_path, demo):
 
 
 def test_exact_resume(tmp_path, demo):
-    # 192 train-split images / batch 32 = 6 steps an epoch (simclr.py: the bare-resume test below)
-    check_exact_resume("byol.py", [*SMALL, "--batch-size", "32", "--workers", "2", "--proj-hidden", "64", "--epochs", "2",
+    # 192 train-split images / batch 32 = 6 steps an epoch (simclr.py, with DataLoader workers: the bare-resume test
+    # below; the workers are data.Run's, alike in every script)
+    check_exact_resume("byol.py", [*SMALL, "--batch-size", "32", "--proj-hidden", "64", "--epochs", "2",
                                    "--knn-every", "0", "--deterministic"], tmp_path, 6)
 
 
