@@ -443,14 +443,8 @@ def main(argv=None):
     args = get_args(argv)
     run = data.Run(args, f"convirt-{args.loss}")  # process group, device, seeds, run folder, checkpoint to resume
     paths, sentences, reports, eval_paths, eval_labels = load_pairs(args)
-    pick = RandomSentence(args.seed)
-    # the workers read uint8 images, cached a little larger than the crop (the ranks share the cache), and tokenise
-    dataset = data.ImageDataset(paths, list(enumerate(sentences)), None, pick, size=data.train_side(args.size),
-                                channels=1, cache_dir=args.cache_dir or None, skip_bad=args.skip_bad,
-                                workers=args.workers, progress=run.master, uint8=True)
-    augment = data.BatchAugment("convirt", args.size, 1, hflip=args.hflip)  # drawn on the device
-
-    # text model: rebuilt from the checkpoint on resume; else named, or the demo's small BERT
+    # text model (before the images are decoded: a wrong name stops at once): rebuilt from the checkpoint on
+    # resume; else named, or the demo's small BERT
     if run.state and run.state.get("tokenizer_json"):
         tokenizer, text_model = saved_text_model(run.state)
     elif args.text_model:
@@ -462,6 +456,12 @@ def main(argv=None):
         text_model.pooler.requires_grad_(False)  # tokens itself, and DDP would wait for the pooler's gradient
     freeze_text_layers(text_model, args.freeze_text_layers)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the fast tokenizer's threads do not survive a fork
+    pick = RandomSentence(args.seed)
+    # the workers read uint8 images, cached a little larger than the crop (the ranks share the cache), and tokenise
+    dataset = data.ImageDataset(paths, list(enumerate(sentences)), None, pick, size=data.train_side(args.size),
+                                channels=1, cache_dir=args.cache_dir or None, skip_bad=args.skip_bad,
+                                workers=args.workers, progress=run.master, uint8=True)
+    augment = data.BatchAugment("convirt", args.size, 1, hflip=args.hflip)  # drawn on the device
     loader = run.loader(dataset, Tokenize(tokenizer, args.max_tokens), what="image-report pairs")
 
     # ALGORITHM: the heuristic's weights and starting point (RESULTS.md, "Sigmoid loss collapse")

@@ -53,6 +53,15 @@ def run_script(*args, timeout=600, cwd=None, check=True, env=None):
     return p
 
 
+def usage_error(get_args, argv, capsys):
+    """A script's get_args(argv) in process: argparse's exit 2, and what it printed to stderr (a subprocess would
+    only add the interpreter's start)."""
+    with pytest.raises(SystemExit) as e:
+        get_args([str(a) for a in argv])
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
 def logged_losses(run_dir):
     """(step, loss) of every logged step in a run folder's log.jsonl."""
     import json

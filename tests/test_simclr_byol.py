@@ -9,7 +9,7 @@ import torch.nn as nn
 import byol
 import data
 import simclr
-from conftest import check_exact_resume, init_gloo, run_script, spawn_two
+from conftest import check_exact_resume, init_gloo, run_script, spawn_two, usage_error
 
 
 # ---------------------------------------------------------------------------------- NT-Xent
@@ -211,11 +211,9 @@ def test_demo_and_real_data_defaults(module, capsys):
         assert msg in capsys.readouterr().err
 
 
-def test_clear_errors(tmp_path):
-    p = run_script("simclr.py", "--temperature", "0", check=False)
-    assert p.returncode == 2 and "--temperature must be > 0" in p.stderr
-    p = run_script("byol.py", "--tau-base", "1.5", check=False)
-    assert p.returncode == 2 and "--ema-base must be in [0, 1]" in p.stderr
+def test_clear_errors(tmp_path, capsys):
+    assert "--temperature must be > 0" in usage_error(simclr.get_args, ["--temperature", "0"], capsys)
+    assert "--ema-base must be in [0, 1]" in usage_error(byol.get_args, ["--tau-base", "1.5"], capsys)
     bad = tmp_path / "imgs"
     bad.mkdir()
     (bad / "a.png").write_bytes(b"not a png")
@@ -244,7 +242,7 @@ def test_skip_bad_counts_only_readable_images(script, tmp_path, demo):
     assert not (tmp_path / "r" / "checkpoint.pt").exists()
 
 
-def test_bare_resume_continues_the_run_as_started_with_workers(tmp_path, demo):
+def test_bare_resume_continues_the_run_as_started_with_workers(tmp_path, demo, capsys):
     # `--resume --out DIR` alone: the run's own flags (not the demo defaults), the first args.json
     # kept, and with 2 DataLoader workers the same losses step for step (workers seeded per epoch)
     args = ["--size", "32", "--batch-size", "32", "--workers", "2", "--log-every", "1", "--proj-hidden", "64",
@@ -261,8 +259,8 @@ def test_bare_resume_continues_the_run_as_started_with_workers(tmp_path, demo):
     overrides = [json.loads(x)["overrides"] for x in (cut / "resumes.jsonl").read_text().splitlines()]
     assert overrides[-1] == {"epochs": 3, "max_steps": 15}
     # --resume without a run folder is a clear error
-    p = run_script("simclr.py", "--resume", "--out", tmp_path / "nothing", check=False)
-    assert p.returncode == 2 and "--resume needs --out, a run folder with its args.json" in p.stderr
+    assert "--resume needs --out, a run folder with its args.json" in usage_error(
+        simclr.get_args, ["--resume", "--out", tmp_path / "nothing"], capsys)
 
 
 def test_lars_in_byol_and_barlow_steps_as_simclrs():
