@@ -740,7 +740,7 @@ def figures(results, curves, y, mask, names, kind, fractions, out):
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set(xlabel="false positive rate", ylabel="true positive rate",
            title="ROC, 100 % labels" + ("" if kind == "binary" else " (micro-average)"))
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7) if len(ax.lines) > 1 else None  # the diagonal alone: no cell at 100 %
     save_figure(fig, out / "roc.png")
 
 
