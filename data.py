@@ -564,8 +564,8 @@ class DecodeCache:
         """(slot per path, -1 when unreadable; {path: reason} of the unreadable ones). Decodes only what the index
         lacks; a file that fails is remembered with its key, so it is not retried on every run."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        keys = [f"{os.path.abspath(p)}|{os.path.getsize(p)}|{os.stat(p).st_mtime_ns}" if os.path.isfile(p) else None
-                for p in paths]
+        keys = [f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}" if os.path.isfile(p) and (st := os.stat(p))
+                else None for p in paths]  # size and mtime from one os.stat: every file is checked each run
         with file_lock(self.dir / "lock"):
             index = json.loads(self.index_path.read_text()) if self.index_path.is_file() else {"slots": {}, "bad": {}}
             known = index["slots"].keys() | index["bad"].keys()
