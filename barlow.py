@@ -59,18 +59,7 @@ def get_args(argv=None):
     p.add_argument("--eval-data", default=None, help="labelled set for the kNN monitor: class folders or a CSV "
                    "(path,label); 'demo' on the demo data")
     p.add_argument("--knn-k", type=int, default=data.KNN_K, help="neighbours of the weighted kNN monitor")
-    p.add_argument("--cache-dir", default=data.default_cache_dir(), help="decode cache folder; '' decodes on the fly")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed) instead of stopping")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--compile", action="store_true", help="torch.compile the image encoder")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
-    p.add_argument("--out", default=None, help="run folder (default runs/LOSS-TIME)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: at epoch ends only)")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
-    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    data.add_run_args(p, "LOSS")  # the run flags: --out, --resume, --workers, --seed ...
     args = data.parse_args(p, argv)
     # the demo's 168 train-split cytology images make 2 batches of 64: 40 epochs are 80 steps
     data.set_defaults(args, epochs=(40, 100), projector=("1024-1024-1024", "8192-8192-8192"))
@@ -242,7 +231,7 @@ def main(argv=None):
             if run.track(loss):
                 a = shared_attention(a1, a2, args.agbt_eps).detach() if a1 is not None else 1.0
                 z1, z2 = p1.detach() * a, p2.detach() * a
-                run.log(invariance=float(on.detach()), redundancy=float(off.detach()), lr=scheduler.get_last_lr()[0],
+                run.log(invariance=float(on.detach()), redundancy=float(off.detach()),
                         spread=data.embedding_spread(z1), offdiag_abs_c=off_diagonal_mean(z1, z2))
         if knn:
             knn(model.encoder, epoch)

@@ -57,18 +57,7 @@ def get_args(argv=None):
     p.add_argument("--eval-data", default=None, help="labelled set for the kNN monitor: class folders or a CSV "
                    "(path,label); 'demo' on the demo data")
     p.add_argument("--knn-k", type=int, default=data.KNN_K, help="neighbours of the weighted kNN monitor")
-    p.add_argument("--cache-dir", default=data.default_cache_dir(), help="decode cache folder; '' decodes on the fly")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed) instead of stopping")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--compile", action="store_true", help="torch.compile the image encoder")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
-    p.add_argument("--out", default=None, help="run folder (default runs/byol-TIME)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: at epoch ends only)")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
-    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    data.add_run_args(p, "byol")  # the run flags: --out, --resume, --workers, --seed ...
     args = data.parse_args(p, argv)
     # demo values chosen on the demo's validation split (RESULTS.md): 360 steps are too few for 0.996
     data.set_defaults(args, epochs=(60, 100), batch_size=(32, 64), tau_base=(0.95, 0.996), lr=(3e-4, 1e-3))
@@ -219,7 +208,7 @@ def main(argv=None):
             ema_update(target, model, tau_schedule(run.step - 1, total, args.tau_base))
             if run.track(loss):
                 spread = data.embedding_spread(p1)
-                run.log(lr=scheduler.get_last_lr()[0], spread=spread, tau=tau_schedule(run.step, total, args.tau_base))
+                run.log(spread=spread, tau=tau_schedule(run.step, total, args.tau_base))
                 # an early dip that recovers is usual (the predictor first outputs the targets' mean direction)
                 run.warn_once(spread < 0.1, f"step {run.step}: the predictions are nearly constant (spread "
                               f"{spread:.3f} < 0.1); an early dip that recovers is usual, one that stays is collapse")

@@ -65,18 +65,7 @@ def get_args(argv=None):
     p.add_argument("--eval-root", default=None, help="image root for --eval-labels")
     p.add_argument("--eval-k", type=int, default=10, help="k of Precision@k")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default 224; 64 on the demo data)")
-    p.add_argument("--cache-dir", default=data.default_cache_dir(), help="decode cache folder; '' decodes on the fly")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed) instead of stopping")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--compile", action="store_true", help="torch.compile the image encoder")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
-    p.add_argument("--out", default=None, help="run folder (default runs/convirt-LOSS-TIME)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: at epoch ends only)")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
-    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    data.add_run_args(p, "convirt-LOSS")  # the run flags: --out, --resume, --workers, --seed ...
     args = data.parse_args(p, argv)
     data.set_defaults(args, arch=("resnet18", "resnet50"), size=(64, 224), batch_size=(32, 64))
     # demo: 192 pairs make 6 steps an epoch; the loss sits on its collapse value ~300 steps, a ResNet-50's ~600
@@ -507,7 +496,7 @@ def main(argv=None):
     last_eval = last_rec = None
     for epoch, rng in run.epochs():  # rng: this epoch's augmentation draws (a torch.Generator)
         pick.epoch.fill_(epoch)  # the workers' sentence draw is a function of (seed, epoch, study)
-        for x, ids, mask in run.batches(loader):
+        for x, ids, mask in run.batches(loader, collapse_loss=collapse_value):  # on the epoch's log line
             # ALGORITHM: both towers, the global batch, one of the two losses
             x = augment(x.to(run.device, non_blocking=True), rng)
             ids, mask = ids.to(run.device, non_blocking=True), mask.to(run.device, non_blocking=True)
@@ -531,13 +520,12 @@ def main(argv=None):
             if run.track(loss):
                 gap, spread = collapse_metrics(u_all.detach().float(), v_all.detach().float())
                 scalars = {"t": float(t.detach()), "b": float(model.bias.detach())} if args.loss == "sigmoid" else {}
-                last_rec = run.log(collapse_loss=collapse_value, lr=scheduler.get_last_lr()[0], gap=gap, spread=spread,
-                                   **scalars, collapsed=spread < 0.1)
+                last_rec = run.log(collapse_loss=collapse_value, gap=gap, spread=spread, collapsed=spread < 0.1,
+                                   **scalars)
                 run.warn_once(spread < 0.1, f"step {run.step}: the embeddings are collapsing (spread {spread:.3f}, "
                               f"loss {last_rec['loss']:.3f}, collapse value {collapse_value:.3f}). A dip can recover "
                               f"(the line at the end says); if it stays: {collapse_advice(args)}")
         epoch_loss = run.epoch_loss()  # one batch swings by several percent: the epoch's mean is what the verdict reads
-        run.write({"epoch": epoch, "step": run.step, "epoch_loss": epoch_loss, "collapse_loss": collapse_value})
         if eval_loader is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
             last_eval = evaluate(model, eval_loader, eval_labels, args, run, epoch)
     if run.master and last_rec is not None:

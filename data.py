@@ -13,6 +13,7 @@ message starts with the file's path and says the cause.
 import argparse
 import contextlib
 import csv
+import functools
 import json
 import math
 import multiprocessing
@@ -917,11 +918,41 @@ class BatchAugment:
 # The scripts keep what teaches their method (model, loss, the all-gather that gives the loss its global batch,
 # optimiser, schedule, the training step); what follows they all do alike.
 
+# Flags that may differ when a run is resumed: read afresh from args (the optimizer's lr and weight decay are
+# written into its groups and the schedule's base values); any other is refused, never applied in name only
+RESUMABLE = {"out", "resume", "max_steps", "save_every", "log_every", "workers", "device", "compile", "cache_dir",
+             "skip_bad", "report_to", "stop_signals", "deterministic", "knn_every", "eval_every", "epochs", "lr",
+             "weight_decay", "head_lr", "text_lr"}
+
+
+def add_run_args(p, name):
+    """The run mechanics' flags, alike in every pretraining script."""
+    a = p.add_argument
+    a("--cache-dir", default=default_cache_dir(), help="decode cache folder; '' decodes on the fly")
+    a("--skip-bad", action="store_true", help="skip unreadable images (listed) instead of stopping")
+    a("--workers", type=int, default=2, help="DataLoader worker processes")
+    a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    a("--compile", action="store_true", help="torch.compile the image encoder")
+    a("--seed", type=int, default=0, help="random seed")
+    a("--deterministic", action="store_true", help="deterministic kernels (slower)")
+    a("--out", default=None, help=f"run folder (default runs/{name}-TIME)")
+    a("--resume", nargs="?", const="yes", default=None, choices=["yes", "auto"], help="continue the run in --out "
+      "from its checkpoint; 'auto': continue it if it has one, else start it (one command for every restart)")
+    a("--save-every", type=int, default=0, help="also checkpoint every N steps (0: at epoch ends only)")
+    a("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
+    a("--log-every", type=int, default=10, help="steps between log lines")
+    a("--stop-signals", default="TERM,INT,USR1", help="signals that stop the run with a checkpoint at the next step "
+      "(Slurm's warning: sbatch --signal=USR1@120)")
+    a("--report-to", default="", help="also log to tensorboard, wandb or both (comma-separated)")
+
+
 def parse_args(p, argv=None):
-    """Parse; with --resume, the run's own args.json under the flags given again (kept in args.overrides)."""
+    """Parse; on a resume, the run's own args.json under the flags given again (kept in args.overrides)."""
     args = p.parse_args(argv)
-    if not args.resume:
-        return args
+    if args.resume == "auto" and not args.out:
+        p.error("--resume auto needs --out: the run folder that every restart continues")
+    if not args.resume or (args.resume == "auto" and not (Path(args.out) / "checkpoint.pt").is_file()):
+        return args  # a new run (--resume auto the first time: started as the same command will continue it)
     saved = Path(args.out or "") / "args.json"
     if not args.out or not saved.is_file():
         p.error(f"--resume needs --out, a run folder with its args.json ({saved} not found)")
@@ -931,6 +962,9 @@ def parse_args(p, argv=None):
     first = {k: v for k, v in json.loads(saved.read_text()).items() if k not in ("max_steps", "overrides")}
     args = argparse.Namespace(**{**vars(args), **first, **given})
     args.overrides = {k: v for k, v in given.items() if k not in ("resume", "out") and first.get(k) != v}
+    for k in sorted(set(args.overrides) - RESUMABLE):
+        p.error(f"--{k.replace('_', '-')} was {first.get(k)!r} when {args.out} started and cannot change on a "
+                "resume (the checkpoint's weights, optimizer or random streams hold it): drop it, or start a new --out")
     return args
 
 
@@ -1017,10 +1051,17 @@ class ResumableSampler(torch.utils.data.distributed.DistributedSampler):
         return super().__len__() - self.skip
 
 
+def _quiet_worker(signals, _):
+    """DataLoader workers leave the stop signals to the main process: a signal to the whole process group (Slurm,
+    torchrun's agent) then stops the run at a step with a checkpoint instead of killing its workers under it."""
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class Run:
     """One training run: process group and device, seeds, run folder and JSON log, checkpoints (atomic, CPU tensors;
-    at each epoch's end, every --save-every steps, at --max-steps and at the next step after SIGTERM or SIGINT),
-    exact resume from any of them, the NaN guard."""
+    at each epoch's end, every --save-every steps, at --max-steps and at the next step after a stop signal),
+    exact resume from any of them on every rank, the NaN guard, the progress bar, curves.png and the trackers."""
 
     def __init__(self, args, name):
         self.args, a = args, args
@@ -1038,19 +1079,26 @@ class Run:
         if a.batch_size % self.world:
             raise SystemExit(f"--batch-size {a.batch_size} must be divisible by the number of processes ({self.world})")
         self.local_batch = a.batch_size // self.world
+        try:
+            self.stop_signals = [signal.Signals["SIG" + s.strip().upper().removeprefix("SIG")]
+                                 for s in a.stop_signals.split(",") if s.strip()]
+        except KeyError as e:
+            raise SystemExit(f"--stop-signals: unknown signal {e.args[0]}") from None
         torch.manual_seed(a.seed)
         np.random.seed(a.seed)
         if a.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.out = Path(a.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.ckpt_path = self.out / "checkpoint.pt"
-        if self.ckpt_path.exists() != bool(a.resume):
+        if a.resume != "auto" and self.ckpt_path.exists() != bool(a.resume):
             raise SystemExit(f"--resume: no checkpoint at {self.ckpt_path}" if a.resume else f"{self.out} already "
-                             "holds a checkpoint: pass --resume to continue it, or choose another --out")
-        self.state = load_checkpoint(self.ckpt_path) if a.resume else None  # what the script rebuilds from
+                             "holds a checkpoint: pass --resume to continue it (--resume auto: whenever it has one), "
+                             "or choose another --out")
+        self.state = load_checkpoint(self.ckpt_path) if self.ckpt_path.exists() and a.resume else None
         self.step = self.epoch = self.epoch_step = 0
         self.epoch_done, self.stopped, self.warned, self.signal, self.log_file, self.handlers = \
             True, False, False, None, None, {}
+        self.bar = self.tracker = None
 
     def prepare(self, model):
         """On the device; on CUDA in channels_last and, under torchrun, with SyncBatchNorm (the CPU: per process)."""
@@ -1076,51 +1124,86 @@ class Run:
         return torch.utils.data.DataLoader(dataset, self.local_batch, sampler=self.sampler, drop_last=True,
                                            num_workers=self.args.workers, collate_fn=collate_fn, pin_memory=self.cuda,
                                            persistent_workers=self.args.workers > 0,
+                                           worker_init_fn=functools.partial(_quiet_worker, self.stop_signals),
                                            generator=torch.Generator().manual_seed(self.args.seed))
 
     def checkpoint(self, **entries):
         """What each checkpoint holds beside the run's place: objects with a state dict (saved as it is then), and
-        plain values. On --resume the objects are loaded and the run continues where the checkpoint was written."""
+        plain values. On a resume the objects are loaded and the run continues where the checkpoint was written;
+        an lr or weight decay given again goes into the optimizer's groups and the schedule's base values."""
         self.entries, s = entries, self.state
         if s is None:
             return
+        fresh = {k: [dict(g) for g in o.param_groups] for k, o in entries.items() if hasattr(o, "param_groups")}
         for key, obj in entries.items():
             if hasattr(obj, "load_state_dict") and key != "encoder":
                 obj.load_state_dict(s[key])
+        for key, groups in fresh.items():
+            opt = entries[key]
+            sched = [o for o in entries.values() if getattr(o, "optimizer", None) is opt]
+            for i, (new, g) in enumerate(zip(groups, opt.param_groups)):
+                base, old = new.get("initial_lr", new["lr"]), g.get("initial_lr", g["lr"])
+                g["weight_decay"] = new.get("weight_decay", g.get("weight_decay"))
+                if base != old:  # the same point of the schedule, on the new base value
+                    g["lr"], g["initial_lr"] = g["lr"] * base / old if old else base, base
+                    for sc in sched:
+                        sc.base_lrs[i] = base
         self.epoch_done = s.get("epoch_done", True)  # older checkpoints were written at epoch ends only
         self.step, self.epoch = s["step"], s["epoch"] + self.epoch_done
         self.epoch_step = 0 if self.epoch_done else s["epoch_step"]
+        ranks = s.get("ranks") or [{"rng": s.get("rng"), "loss_sum": s.get("loss_sum")}]  # before: rank 0's only
+        if not self.epoch_done and len(ranks) != self.world:
+            raise SystemExit(f"{self.ckpt_path} was written inside an epoch by {len(ranks)} process(es): resume it "
+                             f"with {len(ranks)}, not {self.world}, or from a checkpoint at an epoch's end")
+        self.resumed = ranks[self.rank] if not self.epoch_done else None
 
     def start(self, summary):
-        """The run folder: args.json (on resume, a line in resumes.jsonl), the log, SIGTERM/SIGINT handlers."""
+        """The run folder: args.json (on resume, a line in resumes.jsonl), the log, the signal handlers."""
         if self.master:
             self.out.mkdir(parents=True, exist_ok=True)
-            if self.args.resume:  # the first args.json stays; each resume is recorded beside it
+            self.supersede()
+            if self.state is not None:  # the first args.json stays; each resume is recorded beside it
                 with open(self.out / "resumes.jsonl", "a") as f:
                     f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "step": self.step,
-                                        "overrides": self.args.overrides}) + "\n")
-                print(f"resuming {self.out} at step {self.step} as it was started"
-                      + (f", with overrides {self.args.overrides}" if self.args.overrides else ""))
+                                        "overrides": getattr(self.args, "overrides", {})}) + "\n")
+                print(f"resuming {self.out} at step {self.step} as it was started" + (
+                    f", with {self.args.overrides}" if getattr(self.args, "overrides", None) else ""))
             else:
-                (self.out / "args.json").write_text(json.dumps(vars(self.args), indent=1))
+                atomic_write_text(self.out / "args.json", json.dumps(vars(self.args), indent=1))
             self.log_file = open(self.out / "log.jsonl", "a")
+            if self.args.report_to:
+                self.tracker = Tracker(self.args.report_to.split(","), self.out, vars(self.args), self.step)
             print(f"{summary}, {self.world} process(es) on {self.device}, run folder {self.out}")
         if threading.current_thread() is threading.main_thread():  # a preempted job saves, then stops
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in self.stop_signals:
                 self.handlers[sig] = signal.signal(sig, lambda n, _: setattr(self, "signal", signal.Signals(n).name))
+
+    def supersede(self):
+        """The log read as one run: lines of steps after the checkpoint (logged before a crash, or by a start
+        that never reached a checkpoint) move to log.superseded.jsonl, so each step is logged once."""
+        log = self.out / "log.jsonl"
+        if not log.is_file():
+            return
+        lines = log.read_text().splitlines(keepends=True)
+        late = [x for x in lines if self.state is None or json.loads(x).get("step", 0) > self.step]
+        if late:
+            with open(self.out / "log.superseded.jsonl", "a") as f:
+                f.writelines(late)
+            atomic_write_text(log, "".join(x for x in lines if x not in late))
 
     def epochs(self):
         """(epoch, the augmentation's generator) from where the run stands. An epoch's randomness is a function
-        of (seed, epoch); a run resumed inside an epoch takes the checkpoint's random states instead."""
+        of (seed, epoch, rank); a run resumed inside an epoch takes the checkpoint's states of this rank."""
         for epoch in range(self.epoch, self.args.epochs):
             self.epoch, s = epoch, self.state
             self.rng = epoch_generator(self.device, self.args.seed, epoch, self.rank)
             if s is not None and not self.epoch_done and s["epoch"] == epoch:
-                torch.set_rng_state(s["rng"]["torch"])
-                if self.cuda and "cuda" in s["rng"]:
-                    torch.cuda.set_rng_state(s["rng"]["cuda"])
-                self.rng.set_state(s["rng"]["views"])
-                self.loss_sum = s["loss_sum"].to(self.device)
+                rng = self.resumed["rng"]
+                torch.set_rng_state(rng["torch"])
+                if self.cuda and "cuda" in rng:
+                    torch.cuda.set_rng_state(rng["cuda"])
+                self.rng.set_state(rng["views"])
+                self.loss_sum = self.resumed["loss_sum"].to(self.device)
             else:
                 torch.manual_seed(self.args.seed * 100003 + epoch)  # a prime stride: no two (seed, epoch) share one
                 self.epoch_step, self.loss_sum = 0, torch.zeros((), device=self.device)
@@ -1128,16 +1211,27 @@ class Run:
             self.sampler.set_epoch(epoch)
             self.sampler.skip = self.epoch_step * self.local_batch
             yield epoch, self.rng
+            self.draw()
             if self.stopped:
                 return
 
-    def batches(self, loader):
-        """The epoch's batches; after each step, the checkpoint when one is due, and the stop."""
-        a, skipped = self.args, self.epoch_step
-        self.bar, self.t0 = tqdm(loader, desc=f"epoch {self.epoch}", disable=not self.master, leave=False), time.time()
-        for self.seen, batch in enumerate(self.bar, 1):  # seen: steps of this call (img/s after a resume too)
+    def batches(self, loader, **epoch_line):
+        """The epoch's batches; after each step, the checkpoint when one is due, and the stop; at the epoch's end
+        its mean loss (with `epoch_line`) in the log. Epochs under 500 steps share one bar for the whole run."""
+        a, skipped, per_epoch = self.args, self.epoch_step, len(loader) + self.epoch_step
+        total = min(a.epochs * per_epoch, a.max_steps or math.inf)
+        short = per_epoch < 500  # minutes on a GPU: one bar for the whole run; a longer epoch gets a bar of its own
+        if self.bar is None or not short:
+            if self.bar is not None:
+                self.bar.close()
+            self.bar = tqdm(total=total if short else per_epoch, initial=self.step if short else skipped,
+                            disable=not self.master, leave=False, dynamic_ncols=True)
+        self.bar.set_description(f"epoch {self.epoch + 1}/{a.epochs}")
+        self.t0, self.seen, self.total = time.time(), 0, total
+        for self.seen, batch in enumerate(loader, 1):  # seen: steps of this call (img/s after a resume too)
             self.step, self.epoch_step = self.step + 1, self.epoch_step + 1
             yield batch
+            self.bar.update()
             stop = self.signal is not None
             if self.world > 1:  # every rank stops at the same step
                 stop = bool(self.mean(torch.tensor(float(stop), device=self.device)) > 0)
@@ -1148,12 +1242,16 @@ class Run:
             if stop:
                 self.finish()
                 raise SystemExit(f"stopped by {self.signal or 'a signal to another rank'} at step {self.step}: "
-                                 f"checkpoint {self.ckpt_path}; continue with --resume --out {self.out}")
+                                 f"checkpoint {self.ckpt_path}; continue with --resume --out {self.out} (a command "
+                                 "with --resume auto continues by itself when run again)")
             if at_max:
                 self.stopped = True
-                return
-        self.epoch_done = True
-        self.save()
+                break
+        else:
+            self.epoch_done = True
+        self.write({"epoch": self.epoch, "step": self.step, "epoch_loss": self.epoch_loss(), **epoch_line})
+        if self.epoch_done and not self.stopped:  # (at --max-steps the step saved it)
+            self.save()
 
     def track(self, loss):
         """The step's loss into the epoch's mean (on the device: no sync); True on a logging step."""
@@ -1169,18 +1267,32 @@ class Run:
         return float(x) / self.world
 
     def log(self, **metrics):
-        """One JSON line (step, epoch, the loss averaged over ranks, metrics, images/s); the NaN guard."""
-        rec = {"step": self.step, "epoch": self.epoch, "loss": self.check_finite(), **metrics,
+        """One JSON line (step, epoch, the loss averaged over ranks, metrics, each optimizer group's lr, images/s);
+        the NaN guard."""
+        lrs = [g["lr"] for g in self.entries["optimizer"].param_groups]
+        rec = {"step": self.step, "epoch": self.epoch, "loss": self.check_finite(), **metrics, "lr": lrs[0],
+               **({"lrs": lrs} if len(lrs) > 1 else {}),
                "img_per_s": round(self.seen * self.args.batch_size / max(time.time() - self.t0, 1e-9), 1)}
         self.write(rec)
+        epoch_mean = self.epoch_loss()  # a collective: every rank asks
         if self.master:
-            self.bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items() if k in ("loss", "spread", "t", "gap")})
+            left = (self.total - self.step) * (time.time() - self.t0) / max(self.seen, 1) / 60  # minutes
+            self.bar.set_postfix({**{k: f"{rec[k]:.3f}" for k in ("loss", "spread", "t", "gap") if k in rec},
+                                  "epoch mean": f"{epoch_mean:.3f}",  # the one bar shows the run's time left
+                                  **({} if self.bar.total == self.total else {"run left": f"{left:.0f} min"})})
         return rec
 
     def write(self, rec):
         if self.master:
             self.log_file.write(json.dumps(rec) + "\n")
             self.log_file.flush()
+            if self.tracker:
+                self.tracker.log(rec)
+
+    def draw(self):
+        """curves.png beside the log, redrawn from it (at each epoch's end and at the stop)."""
+        if self.master and (self.out / "log.jsonl").is_file():
+            plot_runs([(self.out.name, self.out)], self.out / "curves.png")
 
     def warn_once(self, condition, message):
         """A warning the first time `condition` holds: a collapse is said once, not at every step."""
@@ -1202,26 +1314,34 @@ class Run:
         return self.mean(self.loss_sum) / max(self.epoch_step, 1)
 
     def save(self):
-        """The checkpoint (the entries, the run's place, the random states), written atomically by rank 0 on the CPU."""
+        """The checkpoint (the entries, the run's place, every rank's random states and loss sum), written
+        atomically by rank 0 on the CPU."""
         self.check_finite()
+        mine = {"rng": {"torch": torch.get_rng_state(), "views": self.rng.get_state(),
+                        **({"cuda": torch.cuda.get_rng_state()} if self.cuda else {})}, "loss_sum": self.loss_sum.cpu()}
+        ranks = [mine] * self.world
+        if self.world > 1:
+            torch.distributed.all_gather_object(ranks, mine)
         if self.master:
-            rng = {"torch": torch.get_rng_state(), "views": self.rng.get_state(),
-                   **({"cuda": torch.cuda.get_rng_state()} if self.cuda else {})}
             state = {k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in self.entries.items()}
             state.update(epoch=self.epoch, step=self.step, epoch_step=self.epoch_step, epoch_done=self.epoch_done,
-                         loss_sum=self.loss_sum, rng=rng, args=vars(self.args))
+                         ranks=ranks, args=vars(self.args))
             torch.save(to_cpu(state), f"{self.ckpt_path}.tmp")
             os.replace(f"{self.ckpt_path}.tmp", self.ckpt_path)  # a crash mid-write leaves the last one intact
             if self.dataset.skipped and self.epoch_done:
                 print(self.dataset.report_skipped(), file=sys.stderr)
 
     def finish(self):
-        """Close the log, give the signal handlers back, leave the process group."""
+        """Close the log (curves.png drawn a last time), give the signal handlers back, leave the process group."""
         for sig in list(self.handlers):
             signal.signal(sig, self.handlers.pop(sig))
         if self.log_file is not None:
             self.log_file.close()
             self.log_file = None
+            self.draw()
+        for obj in (self.tracker, self.bar):
+            if obj is not None:
+                obj.close()
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

@@ -106,8 +106,7 @@ def _smooth_noise(rng, size, scale):
     """Band-limited noise in [-1, 1]: white noise blurred by a Gaussian of `scale` pixels."""
     n = torch.from_numpy(rng.standard_normal((1, 1, size, size)).astype(np.float32))
     k = max(3, int(scale * 3) | 1)
-    blur = T.GaussianBlur(k, sigma=scale)
-    n = blur(n)[0, 0].numpy()
+    n = T.functional.gaussian_blur(n, [k, k], [scale, scale])[0, 0].numpy()  # GaussianBlur would draw sigma globally
     return n / (np.abs(n).max() + 1e-8)
 
 

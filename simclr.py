@@ -54,18 +54,7 @@ def get_args(argv=None):
     p.add_argument("--eval-data", default=None, help="labelled set for the kNN monitor: class folders or a CSV "
                    "(path,label); 'demo' on the demo data")
     p.add_argument("--knn-k", type=int, default=data.KNN_K, help="neighbours of the weighted kNN monitor")
-    p.add_argument("--cache-dir", default=data.default_cache_dir(), help="decode cache folder; '' decodes on the fly")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed) instead of stopping")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--compile", action="store_true", help="torch.compile the image encoder")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
-    p.add_argument("--out", default=None, help="run folder (default runs/simclr-TIME)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: at epoch ends only)")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
-    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    data.add_run_args(p, "simclr")  # the run flags: --out, --resume, --workers, --seed ...
     args = data.parse_args(p, argv)
     # the demo's train splits have 168-192 images: a smaller batch gives the steps these methods need in minutes
     data.set_defaults(args, epochs=(60, 100), batch_size=(32, 64))
@@ -197,7 +186,7 @@ def main(argv=None):
             scheduler.step()
             if run.track(loss):
                 spread = data.embedding_spread(z1_all)
-                run.log(lr=scheduler.get_last_lr()[0], spread=spread)
+                run.log(spread=spread)
                 run.warn_once(spread < 0.1, f"step {run.step}: the embeddings collapsed (spread {spread:.3f} < 0.1)")
         if knn:
             knn(model.encoder, epoch)
