@@ -5,6 +5,7 @@ The demo data set is built by demo.py, imported only when it is asked for.
 
     python data.py demo /tmp/demo            # write the demo data set and print a summary
     python data.py bench-cache               # images/s: decoding full-size DICOM vs reading the cache
+    python data.py plot RUN [NAME=RUN ...]   # the runs' curves from their log.jsonl, overlaid in curves.png
 
 Conventions: every image comes out as float32 in [0, 1], H x W (grayscale) or H x W x 3; datasets return
 C x S x S tensors (float, or uint8 as the cache stores them). Every reading error is a `BadImageError` whose
@@ -14,6 +15,7 @@ import argparse
 import contextlib
 import csv
 import functools
+import importlib
 import json
 import math
 import multiprocessing
@@ -1401,6 +1403,81 @@ def knn_accuracy(bank, bank_y, queries, query_y, k=KNN_K, t=KNN_T):
     """Top-1 accuracy of the weighted kNN on frozen features, class labels 0..C-1."""
     votes = knn_predict(bank, F.one_hot(bank_y, int(max(bank_y.max(), query_y.max())) + 1), queries, k, t)
     return float((votes.argmax(1) == query_y).float().mean())
+
+
+# ---------------------------------------------------------------------------------------------- Curves and trackers
+EVAL_KEY = re.compile(r"((i2i|t2i)_p|knn_top1)@\d+$")  # retrieval P@k (ConVIRT), kNN top-1 (image-only scripts)
+
+
+def read_log(run_dir):
+    """RUN/log.jsonl as one run: {"step"|"epoch"|"eval": its lines in step order}. A step logged twice (a crash
+    after the last checkpoint, then --resume) keeps its later line; lines marked "superseded" are skipped."""
+    path, kinds = Path(run_dir) / "log.jsonl", {"step": {}, "epoch": {}, "eval": {}}
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such log (is {run_dir} a run folder?)")
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):  # a line cut by a crash mid-write
+            rec = json.loads(line)
+            kind = ("step" if "loss" in rec else "epoch" if "epoch_loss" in rec
+                    else "eval" if any(map(EVAL_KEY.match, rec)) else None)
+            if kind and "step" in rec and not rec.get("superseded"):
+                kinds[kind][rec["step"]] = rec
+    return {kind: [lines[s] for s in sorted(lines)] for kind, lines in kinds.items()}
+
+
+def plot_runs(runs, out):
+    """The curves of runs [(label, run folder)] overlaid panel by panel into the PNG `out` (demo.py draws them:
+    matplotlib loads only then). Returns {panel: {"label: series": (steps, values)}}, what was drawn."""
+    return _demo().plot_runs(runs, out)
+
+
+class Tracker:
+    """--report-to tensorboard,wandb: each logged line mirrored at its step, to RUN/tensorboard and to W&B (its
+    run id in RUN/wandb-id). A resume from step `start_step` continues the same step axis and the same W&B run;
+    TensorBoard hides what the interrupted run logged after its checkpoint. Rank 0 only."""
+
+    def __init__(self, report_to, run_dir, args, start_step=0):
+        self.tb = self.wandb = None
+        for name in report_to:  # the package, or one line saying how to install it
+            try:
+                module = importlib.import_module({"tensorboard": "torch.utils.tensorboard"}.get(name, name))
+            except ImportError:
+                raise ImportError(f"--report-to {name}: {name} is not installed: pip install {name}") from None
+            if name == "tensorboard":  # it hides what was logged from purge_step on: after the checkpoint, or all
+                log_dir = str(Path(run_dir) / "tensorboard")
+                self.tb = module.SummaryWriter(log_dir, purge_step=start_step + 1 if start_step else 0)
+            elif name == "wandb":
+                self.wandb = self._wandb(module, Path(run_dir), args)
+
+    @staticmethod
+    def _wandb(wandb, run_dir, args):
+        """Offline (a cluster node has no network) unless WANDB_MODE says otherwise or an API key is there, in the
+        environment or in the ~/.netrc that `wandb login` writes. The run id: made once, reused on resume."""
+        id_file, netrc = run_dir / "wandb-id", Path.home() / ".netrc"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not id_file.exists():
+            atomic_write_text(id_file, os.urandom(4).hex())
+        key = os.environ.get("WANDB_API_KEY") or netrc.is_file() and "api.wandb.ai" in netrc.read_text()
+        return wandb.init(project=os.environ.get("WANDB_PROJECT", "medssl"), name=run_dir.name, dir=str(run_dir),
+                          id=id_file.read_text().strip(), resume="allow", config=args,
+                          mode=os.environ.get("WANDB_MODE") or ("online" if key else "offline"))
+
+    def log(self, rec):
+        """Every number of a logged line at the line's step; a list ("lrs") as one value per group ("lrs/0", ...)."""
+        flat = {f"{k}/{i}" if isinstance(v, list) else k: x for k, v in rec.items() if k != "step"
+                for i, x in enumerate(v if isinstance(v, list) else [v])}
+        scalars = {k: float(x) for k, x in flat.items() if isinstance(x, (int, float))}
+        if self.tb:
+            for k, x in scalars.items():
+                self.tb.add_scalar(k, x, rec["step"])
+        if self.wandb:
+            self.wandb.log(scalars, step=rec["step"])
+
+    def close(self):
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
 
 
 # --------------------------------------------------- The demo data set: demo.py, imported only when it is asked for

@@ -3,11 +3,13 @@
 Chest phantoms with findings and the reports that describe them (MIMIC-CXR's layout, CheXpert labels,
 an official-style split), an RSNA-style pneumonia set and Herlev-style colour cell images, all written as
 the real data sets lay them out, so the scripts read the demo through the same adapters as real data.
-Only data.py imports this file, and only when the demo data are needed (`data.demo_root`).
+Only data.py imports this file, and only when the demo data are needed (`data.demo_root`) or a run's curves
+are drawn (`data.plot_runs`).
 
     python data.py demo /tmp/demo                          # write the demo data set and print a summary
     python data.py demo /tmp/pairs --studies 4096 --size 256  # a larger image-report set for GPU work
     python data.py bench-cache                             # images/s: decoding full-size DICOM vs the cache
+    python data.py plot softmax=runs/a sigmoid=runs/b      # the runs' curves overlaid, in curves.png
 """
 import argparse
 import csv
@@ -24,8 +26,9 @@ import numpy as np
 import torch
 import torchvision.transforms.v2 as T
 
-from data import (CHEXPERT_14, HERLEV_CLASSES, ImageDataset, default_cache_dir, eval_split, file_lock, fit_square,
-                  load_image, mimic_cxr_pairs, patient_split, read_class_folders, read_rsna_labels)
+from data import (CHEXPERT_14, EVAL_KEY, HERLEV_CLASSES, ImageDataset, default_cache_dir, eval_split, file_lock,
+                  fit_square, load_image, mimic_cxr_pairs, patient_split, read_class_folders, read_log,
+                  read_rsna_labels)
 
 # ----------------------------------------------------------------------------------
 # The demo data set's accessors (data.demo_root, ... reach them through data.__getattr__)
@@ -568,6 +571,62 @@ def bench_cache(n=40, size=224, source_size=2048, workers=0):
 
 
 # ----------------------------------------------------------------------------------
+# Curves: data.plot_runs draws here, so that matplotlib loads only when a picture is asked for
+# ----------------------------------------------------------------------------------
+_FAINT, _DASHED = dict(alpha=0.35, lw=0.8), dict(ls="--", lw=1.0)
+_BOLD = [dict(lw=1.6, ls=ls) for ls in ("-", ":", "-.")]  # a run's several series in one panel, told apart
+
+
+def _curves(log):
+    """One run's {panel: {series: (steps, values, style)}} from data.read_log's lines; a series may be empty."""
+    def series(kind, key, style, i=None):  # i: one optimizer group of "lrs"
+        pts = [(r["step"], v) for r in log[kind] if key in r for v in ([r[key]] if i is None else r[key][i:i + 1])]
+        return [s for s, _ in pts], [v for _, v in pts], style
+
+    n_lrs = max((len(r["lrs"]) for r in log["step"] if "lrs" in r), default=0)
+    evals = sorted({k for r in log["eval"] for k in r if EVAL_KEY.match(k)})
+    last = max((r["step"] for lines in log.values() for r in lines), default=0)
+    untrained = {f"{k} untrained": ([0, last], [r[k]] * 2, _DASHED)  # random weights (epoch -1): the value to beat
+                 for k in evals for r in log["eval"] if r.get("epoch") == -1 and k in r}
+    return {"loss": {"loss": series("step", "loss", _FAINT), "epoch loss": series("epoch", "epoch_loss", _BOLD[0]),
+                     "collapse value": series("step", "collapse_loss", _DASHED)},
+            "spread": {"spread": series("step", "spread", _BOLD[0])},
+            "lr": ({f"lr group {i}": series("step", "lrs", _BOLD[i % 3], i) for i in range(n_lrs)} if n_lrs
+                   else {"lr": series("step", "lr", _BOLD[0])}),
+            "t and b": {"t": series("step", "t", _BOLD[0]), "b": series("step", "b", _BOLD[1])},
+            "retrieval": {**{k: series("eval", k, _BOLD[i % 3]) for i, k in enumerate(evals)}, **untrained,
+                          "chance": series("eval", "chance", _DASHED)},
+            "images/s": {"images/s": series("step", "img_per_s", _BOLD[0])}}
+
+
+def plot_runs(runs, out):
+    """The curves of runs [(label, run folder)], each run in its own colour, into the PNG `out`, written whole
+    (through Figure and Agg, no pyplot: cheap, and safe beside a training loop). Returns what was drawn,
+    {panel: {"label: series": (steps, values)}}; a panel with nothing logged is left out."""
+    from matplotlib.figure import Figure
+    drawn = {}
+    for n, (label, run_dir) in enumerate(runs):
+        for panel, series in _curves(read_log(run_dir)).items():
+            for name, (xs, ys, style) in series.items():
+                if xs:
+                    drawn.setdefault(panel, {})[f"{label}: {name}"] = (xs, ys, style, f"C{n % 10}")
+    rows = max(1, (len(drawn) + 1) // 2)
+    fig = Figure(figsize=(12, 3 * rows))
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.5 / (3 * rows), top=1 - 0.3 / (3 * rows), hspace=0.45)
+    for i, (panel, series) in enumerate(drawn.items()):
+        ax = fig.add_subplot(rows, 2, i + 1, title=panel, xlabel="step")
+        for name, (xs, ys, style, colour) in series.items():  # one run: its series' names alone
+            ax.plot(xs, ys, color=colour, label=name if len(runs) > 1 else name.rpartition(": ")[2], **style)
+        if panel == "spread":  # below it the embeddings have collapsed (the scripts' warning)
+            ax.axhline(0.1, color="k", label="0.1", **_DASHED)
+        ax.legend(fontsize=7)
+    tmp = f"{out}.{os.getpid()}.tmp"
+    fig.savefig(tmp, format="png", dpi=80)
+    os.replace(tmp, out)  # a viewer (or the README) never sees half a picture
+    return {panel: {name: s[:2] for name, s in series.items()} for panel, series in drawn.items()}
+
+
+# ----------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------
 
@@ -587,10 +646,20 @@ def main(argv=None):
     b.add_argument("--size", type=int, default=224, help="target size")
     b.add_argument("--source-size", type=int, default=2048, help="side of the DICOMs (MIMIC-CXR's are ~2500-3000)")
     b.add_argument("--workers", type=int, default=0, help="processes that build the cache")
+    c = sub.add_parser("plot", help="several runs' curves (their log.jsonl) overlaid panel by panel, in one PNG")
+    c.add_argument("runs", nargs="+", metavar="RUN", help="a run folder, or NAME=RUN to label it NAME")
+    c.add_argument("--out", default="curves.png", help="the PNG (default: curves.png here; each run keeps its own)")
     a = p.parse_args(argv)
-    if a.cmd == "demo" and a.studies:
+    if a.cmd == "plot":  # NAME=RUN, or RUN labelled by its folder's name
+        runs = [r.split("=", 1) if "=" in r and not Path(r).exists() else (Path(r).resolve().name, r) for r in a.runs]
+        try:
+            plot_runs(runs, a.out)
+        except FileNotFoundError as e:
+            raise SystemExit(f"data.py plot: {e}") from None
+        print(f"wrote {a.out}: " + ", ".join(label for label, _ in runs))
+    elif a.cmd == "demo" and a.studies:
         make_pairs_demo(a.out, a.studies, size=a.size, seed=a.seed, workers=a.workers or None)
     elif a.cmd == "demo":
         make_demo(a.out, size=a.size, seed=a.seed)
-    else:
+    elif a.cmd == "bench-cache":
         print(json.dumps(bench_cache(a.n, a.size, a.source_size, a.workers)))
