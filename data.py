@@ -438,21 +438,28 @@ def read_class_folders(root, grouping=None):
     return paths, np.asarray(labels, np.int64), names
 
 
-def read_label_csv(csv_path, path_col="path", label_col="label", root=None):
+def read_label_csv(csv_path, path_col="path", label_col="label", root=None, patient_col=None):
     """(paths, labels, class names) of a CSV: a path column and one label column (class names or integers:
     multi-class; a row with an empty cell has no label and is left out) or a list of columns (0/1: multi-label).
     Relative paths are read from `root` (default: the CSV's folder). HiCervix: path_col "image_name", label_col
-    "level_1", "level_2" or "level_3" (a class with no finer level has an empty cell there)."""
+    "level_1", "level_2" or "level_3" (a class with no finer level has an empty cell there). patient_col: a 4th
+    value, each image's patient id from that column (an empty cell is an error: its image would be a patient alone)."""
     cols = [label_col] if isinstance(label_col, str) else list(label_col)
-    rows = _read_csv(csv_path, [path_col] + cols)
+    rows = _read_csv(csv_path, [path_col] + cols + ([patient_col] if patient_col else []))
     rows = rows if len(cols) > 1 else [r for r in rows if (r[label_col] or "").strip()]
     paths = [str(Path(root or Path(csv_path).parent) / r[path_col]) for r in rows]
+    patients = [(r[patient_col] or "").strip() for r in rows] if patient_col else []
+    if "" in patients:
+        raise ValueError(f"{csv_path}: {patients.count('')} row(s) with an empty {patient_col!r} cell (patient id), "
+                         f"e.g. {paths[patients.index('')]}")
     if len(cols) > 1:
-        return paths, np.asarray([[float(r[c] or 0) for c in cols] for r in rows], np.float32), cols
-    values = [r[label_col].strip() for r in rows]
-    number = lambda v: v.lstrip("-").isdigit()  # noqa: E731  (integers first, in order, then names)
-    names = sorted(set(values), key=lambda v: (not number(v), int(v) if number(v) else 0, v))
-    return paths, np.asarray([names.index(v) for v in values], np.int64), names
+        labels, names = np.asarray([[float(r[c] or 0) for c in cols] for r in rows], np.float32), cols
+    else:
+        values = [r[label_col].strip() for r in rows]
+        number = lambda v: v.lstrip("-").isdigit()  # noqa: E731  (integers first, in order, then names)
+        names = sorted(set(values), key=lambda v: (not number(v), int(v) if number(v) else 0, v))
+        labels = np.asarray([names.index(v) for v in values], np.int64)
+    return (paths, labels, names) + ((patients,) if patient_col else ())
 
 
 # --------------------------------------------------------------------------------------- Splits and label fractions

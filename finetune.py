@@ -2,16 +2,15 @@
 
 Linear probe (logistic regression, C chosen on val), fine-tuning (early stopping on val AUC), the weighted kNN
 and, for convirt.py checkpoints, zero-shot classification by prompts, at several label fractions and seeds: AUC,
-F1 at a threshold chosen on val, accuracy, confusion matrices, 95 % bootstrap intervals, ROC and AUC-vs-fraction
-figures; t-SNE, clustering and Grad-CAM on request. Splits are by patient (60 / 20 / 20, seed 0, the same for every
-method; MIMIC's official one with --split-csv), recorded with a sha256 in split.json (--split FILE reuses it); test
-is scored once per cell, every choice made on val (--score val never reads test); --resume skips finished cells.
+F1 at a threshold chosen on val, accuracy, confusion matrices, 95 % bootstrap intervals over patients, ROC and
+AUC-vs-fraction figures; t-SNE, clustering and Grad-CAM on request. Splits are by patient (60 / 20 / 20, seed 0,
+the same for every method; MIMIC's official one with --split-csv), in split.json with a sha256 (--split FILE reuses
+it); test is scored once per cell, every choice made on val (--score val never reads test); --resume skips done cells.
 
     python finetune.py --ckpt runs/convirt-sigmoid-X/checkpoint.pt --init random   # demo pneumonia task
     python finetune.py --task folder --ckpt barlow=runs/barlow-X/checkpoint.pt --ckpt agbt=runs/agbt-X/checkpoint.pt \
         --init random --mode linear finetune --embed --gradcam 2                       # demo cytology, 7 classes
-    python finetune.py --task rsna --data /data/rsna --ckpt convirt=ck.pt --init imagenet --arch resnet50 \
-        --size 224 --fractions 0.01 0.1 1.0 --seeds 0 1 2
+    python finetune.py --task rsna --data /data/rsna --ckpt convirt=ck.pt --init imagenet --arch resnet50 --seeds 0 1 2
     python finetune.py --task chexpert --data /data/CheXpert-v1.0/train.csv --observations 5 --uncertainty ignore ...
 """
 import argparse
@@ -47,6 +46,7 @@ def get_args(argv=None):
     p.add_argument("--data", default=None, help="RSNA folder, CheXpert CSV, class folders, CSV; none: the demo sets")
     p.add_argument("--image-root", default=None, help="images of a CSV task (default: the CSV's folder)")
     p.add_argument("--label-col", default="label", help="csv task: label column (comma-separated for multi-label)")
+    p.add_argument("--patient-col", default=None, help="csv, hicervix: the patient column (none: split by image)")
     p.add_argument("--grouping", default=None, help="folder task: a grouping of the class folders, e.g. herlev-2class")
     p.add_argument("--level", type=int, default=1, help="hicervix task: hierarchy level 1, 2 or 3")
     p.add_argument("--observations", default="14", choices=["14", "5"], help="chexpert: all 14 or the 5 competition")
@@ -87,17 +87,37 @@ def get_args(argv=None):
         p.error("--fractions must be in (0, 1]")
     if args.arch == "vit_b_16" and args.size != 224:
         p.error("vit_b_16 needs --size 224")
+    if args.patient_col and args.task not in ("csv", "hicervix"):
+        p.error("--patient-col is for --task csv or hicervix (the other tasks know their patients or have none)")
     return args
 
 
 # ---------------------------------------------------------------------------------------------- model
 def load_encoder(path, arch):
-    """The image encoder of a pretraining checkpoint: read as weights only, one clear line for a foreign file,
-    a checkpoint without an encoder or an encoder of another architecture (data.encoder_from_checkpoint)."""
+    """The image encoder of a pretraining checkpoint or a plain torchvision state dict of `arch` (classifier, if any,
+    left out): read as weights only; one clear line for a foreign file, no encoder or another architecture."""
+    state = plain_state_dict(path)
+    if state is not None:
+        net, dim = data.image_encoder(arch)
+        head = "fc." if hasattr(net, "fc") else "heads." if hasattr(net, "heads") else "classifier."  # image_encoder's
+        try:
+            net.load_state_dict({k: v for k, v in state.items() if not k.startswith(head)})
+        except RuntimeError as e:
+            raise ValueError(f"{path}: a plain state dict, not a torchvision {arch}'s (--arch): "
+                             f"{str(e).strip().splitlines()[-1].strip()[:150]}") from None
+        return net, dim
     net, dim, ck = data.encoder_from_checkpoint(path, arch)
     if ck["method"] not in METHODS:
         raise ValueError(f"{path}: not a checkpoint of convirt.py, simclr.py, byol.py or barlow.py ({ck['method']})")
     return net, dim
+
+
+def plain_state_dict(path):
+    """The file's {name: tensor} if it holds only that (a state_dict(), no 'method'), else None: medssl checkpoints
+    and refused files go to data.load_checkpoint's checks. Memory-mapped: a large file is not read twice."""
+    with contextlib.suppress(Exception):  # missing, refused or not zip-format: data.load_checkpoint says which
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return state if isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values()) else None
 
 
 def last_conv_block(net):
@@ -111,8 +131,7 @@ def last_conv_block(net):
 def best_f1_threshold(y, s):
     """The score threshold that maximises F1 on (y, s) (chosen on validation, applied to test)."""
     from sklearn.metrics import precision_recall_curve
-
-    if y.min() == y.max():
+    if not len(y) or y.min() == y.max():  # nothing to choose by (no positive, no negative or all masked)
         return 0.5
     prec, rec, thr = precision_recall_curve(y, s)
     f1 = 2 * prec * rec / np.maximum(prec + rec, 1e-12)
@@ -133,16 +152,17 @@ def _columns(kind, y, s, thresholds, mask):
 def metrics(kind, y, s, thresholds=None, mask=None):
     """AUC (macro; per class), F1 (at the thresholds for binary / multi-label, macro over the argmax for
     multi-class), accuracy. kind: binary (s: n), multiclass (s: n x K probabilities), multilabel (s, y: n x K;
-    mask 0 leaves an entry out). A class with one label value only has no AUC: None, left out of the mean."""
+    mask 0 leaves an entry out). A class that cannot be scored (no positive, no negative, all masked) has no AUC
+    (None) and is left out of every mean; None where no class can be scored."""
     if thresholds is None:
         thresholds = 0.5 if kind == "binary" else "argmax" if kind == "multiclass" else [0.5] * y.shape[1]
     cols = _columns(kind, y, s, thresholds, mask)
     per = [rank_auc(yc, sc) for yc, sc, _ in cols]
-    valid = [a for a in per if a is not None]
-    acc = np.mean(s.argmax(1) == y) if kind == "multiclass" else np.mean([np.mean(yc == p) if len(yc) else 0.0
-                                                                         for yc, _, p in cols])
-    return {"auc": float(np.mean(valid)) if valid else None, "f1": float(np.mean([_f1(yc, p) for yc, _, p in cols])),
-            "acc": float(acc), "per_class_auc": per,
+    ok = [c for c, a in zip(cols, per) if a is not None]
+    mean = lambda v: float(np.mean(v)) if len(v) else None  # noqa: E731
+    acc = np.mean(s.argmax(1) == y) if kind == "multiclass" else mean([np.mean(yc == p) for yc, _, p in ok])
+    return {"auc": mean([a for a in per if a is not None]), "f1": mean([_f1(yc, p) for yc, _, p in ok]),
+            "acc": None if acc is None else float(acc), "per_class_auc": per,
             "threshold": [float(t) for t in thresholds] if kind == "multilabel" else
             thresholds if kind == "multiclass" else float(thresholds)}
 
@@ -158,12 +178,17 @@ def rank_auc(y, s):
     return float((mean_rank[inv][y > 0].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def bootstrap(kind, y, s, thresholds, mask=None, n=1000, seed=0):
-    """AUC and F1 (metrics(), fixed thresholds) of n resamples of the scored images, drawn from (seed, number of
-    images) alone: every cell of a table shares them, and an interval over seeds pairs them resample by resample."""
+def bootstrap(kind, y, s, thresholds, mask=None, n=1000, seed=0, groups=None):
+    """AUC and F1 (metrics(), fixed thresholds) of n resamples of the patients (groups: each image's; a patient's
+    images drawn together) or of the images. Drawn from (seed, number of patients) alone: every cell of a table
+    shares them, and an interval over seeds pairs them resample by resample."""
+    _, first, code = np.unique(np.arange(len(y)) if groups is None else np.asarray(groups, str), return_index=True,
+                               return_inverse=True)
+    members = np.split(np.argsort(code, kind="stable"), np.cumsum(np.bincount(code))[:-1])
+    members = [members[j] for j in np.argsort(first)]  # numbered by first image: one image each draws as images do
     rng, aucs, f1s = np.random.default_rng(seed), [], []
     for _ in range(n):
-        i = rng.integers(0, len(y), len(y))
+        i = np.concatenate([members[p] for p in rng.integers(0, len(members), len(members))])
         m = metrics(kind, y[i], s[i], thresholds, None if mask is None else np.asarray(mask)[i])
         aucs.append(m["auc"])
         f1s.append(m["f1"])
@@ -194,13 +219,20 @@ def choose_thresholds(kind, y, s, mask=None):
 
 
 def confusion(kind, y, s, thresholds, mask=None):
-    """Confusion matrices: one K x K (multi-class) or one 2 x 2 per class (binary, multi-label)."""
-    from sklearn.metrics import confusion_matrix
+    """Confusion matrices (rows true, columns predicted): one K x K (multi-class) or one 2 x 2 per class (binary,
+    multi-label; all zeros where every entry is masked)."""
+    count = lambda t, p, k: np.bincount(np.asarray(t, int) * k + np.asarray(p, int),  # noqa: E731
+                                        minlength=k * k).reshape(k, k).tolist()
+    return ([count(y, s.argmax(1), s.shape[1])] if kind == "multiclass" else
+            [count(yc, p, 2) for yc, _, p in _columns(kind, y, s, thresholds, mask)])
 
-    if kind == "multiclass":
-        return [confusion_matrix(y, s.argmax(1), labels=list(range(s.shape[1]))).tolist()]
-    cols = _columns(kind, y, s, thresholds, mask)
-    return [confusion_matrix(yc, p, labels=[False, True]).tolist() for yc, _, p in cols]
+
+def unscorable(kind, y, mask, names):
+    """'name (why)' for each class or label a split cannot score: no positive, no negative, or every entry masked."""
+    cols = ([y > 0] if kind == "binary" else [y == c for c in range(len(names))] if kind == "multiclass"
+            else [y[mask[:, c] > 0, c] > 0 for c in range(y.shape[1])])
+    return [f"{n!r} ({'all masked' if not len(c) else 'no positive' if not c.any() else 'no negative'})"
+            for n, c in zip(names[-len(cols):], cols) if not len(c) or c.all() or not c.any()]
 
 
 def summarize(values):
@@ -209,7 +241,7 @@ def summarize(values):
     return "-" if not v else f"{np.mean(v):.2f}" if len(v) == 1 else f"{np.mean(v):.2f}±{np.std(v):.2f}"
 
 
-def results_table(cells, methods, all_fractions):
+def results_table(cells, methods, all_fractions, resampled="the scored images"):
     """Markdown tables in the studies' shape: rows = methods, columns = fractions, cells = F1 / AUC."""
     lines = []
     for mode in sorted({c["mode"] for c in cells}):
@@ -224,9 +256,9 @@ def results_table(cells, methods, all_fractions):
                 row.append(" / ".join(summarize([c[k] for c in cs]) + (f" [{ci[k][0]:.2f}, {ci[k][1]:.2f}]" if ci[k]
                                                                       else "") for k in ("f1", "auc")) if cs else "")
             lines.append(f"| {m} | " + " | ".join(row) + " |")
-        lines.append("")
-    return "\n".join(lines) + ("\nCells: F1 / AUC, mean ± std over seeds [95 % bootstrap interval of that mean over "
-                               "the scored images]; F1 at the threshold that maximises it on val.\n")
+        lines += ["", f"Intervals resample {resampled}.", ""]  # under each table: what the bootstrap drew
+    return "\n".join(lines) + ("\nCells: F1 / AUC, mean ± std over seeds [95 % bootstrap interval of that mean]; F1 "
+                               "at the threshold that maximises it on val; a class a split cannot score is left out.\n")
 
 
 def cluster_scores(features, labels, seed=0):
@@ -234,7 +266,6 @@ def cluster_scores(features, labels, seed=0):
     from sklearn.cluster import DBSCAN, KMeans
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
     from sklearn.neighbors import NearestNeighbors
-
     f = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
     km = KMeans(n_clusters=len(np.unique(labels)), n_init=10, random_state=seed).fit_predict(f)
     # DBSCAN's eps: the median distance to the 5th neighbour, a common default when nothing is known
@@ -320,10 +351,12 @@ def load_task(args):
     else:
         path_col, cols = (("image_name", [f"level_{args.level}"]) if args.task == "hicervix"
                           else ("path", args.label_col.split(",")))
-        paths, labels, names = (data.read_class_folders(args.data, args.grouping) if args.task == "folder" else
-                                data.read_label_csv(args.data, path_col, cols if len(cols) > 1 else cols[0],
-                                                    args.image_root))
-        ids = paths
+        paths, labels, names, *ids = (data.read_class_folders(args.data, args.grouping) if args.task == "folder" else
+                                      data.read_label_csv(args.data, path_col, cols if len(cols) > 1 else cols[0],
+                                                          args.image_root, args.patient_col))
+        ids = ids[0] if ids else paths
+    if ids is paths:  # Herlev, SIPaKMeD, LBC file names carry no patient: nothing to read one from
+        print(f"--task {args.task}: split and bootstrap by image, no patients named (a CSV task's --patient-col does)")
     if labels.ndim == 2:  # a CSV with several 0/1 label columns
         return paths, labels, None, names, ids, "multilabel"
     if len(np.unique(labels)) < 2:
@@ -408,7 +441,6 @@ def fit_linear(kind, ftr, ytr, mtr, fva, yva, mva, seed, head):
     Returns (scores function, torch Linear equivalent for Grad-CAM)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
-
     scaler = StandardScaler().fit(ftr)
     xtr, xva = scaler.transform(ftr), scaler.transform(fva)
     val_auc = lambda score: metrics(kind, yva, score(xva), mask=mva)["auc"] or 0  # noqa: E731
@@ -436,26 +468,45 @@ def fit_linear(kind, ftr, ytr, mtr, fva, yva, mva, seed, head):
     return (lambda f: proba(clf, scaler.transform(f))), _fold(clf.coef_, clf.intercept_, scaler)
 
 
-def knn_scorer(bank, y, kind, n_out):
-    """The weighted kNN (data.knn_predict: k 20, T 0.07) on the label fraction's features: class probabilities."""
-    y = torch.as_tensor(y)
-    targets = y.float() if kind == "multilabel" else F.one_hot(y.long(), max(n_out, 2))
-    knn = lambda f: data.knn_predict(torch.as_tensor(bank), targets, torch.as_tensor(f)).numpy()  # noqa: E731
-    return (lambda f: knn(f)[:, 1]) if kind == "binary" else knn
+def knn_scorer(bank, y, kind, n_out, mask=None):
+    """The weighted kNN (data.knn_predict: k 20, T 0.07) on the label fraction's features: class probabilities.
+    Multi-label: a masked (uncertain) neighbour casts no vote for that label, as it adds nothing to the other modes'
+    loss: the label's score is sum(w y m) / sum(w m) over the k nearest, 0.5 where none of them knows it."""
+    y, m = torch.as_tensor(y).float(), torch.as_tensor(np.ones(np.shape(y)) if mask is None else mask).float()
+    targets = torch.cat([y * m, m], 1) if kind == "multilabel" else F.one_hot(y.long(), max(n_out, 2))
+
+    def score(f):
+        v = data.knn_predict(torch.as_tensor(bank), targets, torch.as_tensor(f))
+        if kind == "multilabel":  # sum(w y m) / sum(w m): knn_predict's division by sum(w) cancels
+            num, den = v.chunk(2, 1)
+            v = torch.where(den > 0, num / den.clamp(min=1e-30), 0.5)
+        return v[:, 1].numpy() if kind == "binary" else v.numpy()
+    return score
 
 
 def prompt_sets(names, kind, path=None):
     """{set name: prompts}, prompts {label: {"pos": [...], "neg": [...]}} (the binary task's positive class, or each
     observation) or {class: [...]}. Default CheXzero's "{label}" / "no {label}" in lower case; from --prompts, set
-    "prompt i" takes each list's i-th prompt and "ensemble" all of them (the set is chosen on val)."""
+    "prompt i" takes each list's i-th prompt and "ensemble" all of them (the set is chosen on val). The file is
+    checked whole: a JSON error, a wrong shape, an empty list, an unknown label is one line naming file, label and
+    what was expected."""
     labels, multiclass = (names[1:] if kind == "binary" else names), kind == "multiclass"
+    known = data.CHEXPERT_14 if set(labels) <= set(data.CHEXPERT_14) else ()  # observations this task left out
     if path:
-        spec = json.loads(Path(path).read_text())
-        bad = [n for n in labels if not (isinstance(spec.get(n), list) if multiclass else
-                                         isinstance(spec.get(n), dict) and {"pos", "neg"} <= set(spec[n]))]
-        if bad:
-            raise ValueError(f"{path}: {bad[0]!r} needs " + ("a list of prompts" if multiclass else
-                             '{"pos": [...], "neg": [...]}') + f" (the task's labels: {labels})")
+        want = "a non-empty list of prompts" if multiclass else '{"pos": [...], "neg": [...]}, non-empty prompt lists'
+        try:
+            spec = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); expected {{label: {want}}}") from None
+        unknown = [k for k in spec if k not in labels and k not in known] if isinstance(spec, dict) else [None]
+        if unknown:
+            raise ValueError(f"{path}: expected {{label: {want}}} for the labels {labels}, found " +
+                             (f"a {type(spec).__name__}" if unknown == [None] else f"the label {unknown[0]!r}"))
+        ok = lambda v: isinstance(v, list) and v and all(isinstance(t, str) and t.strip() for t in v)  # noqa: E731
+        for n, v in ((n, spec.get(n)) for n in labels):
+            if not (ok(v) if multiclass else isinstance(v, dict) and set(v) == {"pos", "neg"}
+                    and ok(v["pos"]) and ok(v["neg"])):
+                raise ValueError(f"{path}: {n!r} needs {want}; found " + (json.dumps(v)[:80] if n in spec else "none"))
         spec = {n: spec[n] for n in labels}
     else:
         low = {n: n.lower().replace("_", " ") for n in labels}
@@ -565,6 +616,9 @@ def main(argv=None):
     (out / "args.json").write_text(json.dumps(vars(args), indent=1))
 
     paths, labels, mask, names, ids, kind = load_task(args)
+    sets = "zeroshot" in args.mode and prompt_sets(names, kind, args.prompts)  # a bad file: stopped before any work
+    body = Path(args.prompts).read_bytes() if sets and args.prompts else json.dumps(sets, sort_keys=True).encode()
+    prompts_id = {"prompts_file": args.prompts or "default", "prompts_sha256": hashlib.sha256(body).hexdigest()}
     channels = args.channels or (3 if args.task in ("folder", "hicervix") else 1)
     rows = [(n, ("init", n)) for n in args.init]
     for spec in args.ckpt:
@@ -573,11 +627,17 @@ def main(argv=None):
         rows.append((name, ("ckpt", path)))
     tr, va, te, fraction_sets, split_record = make_split(args, paths, ids, labels, kind)
     data.atomic_write_text(out / "split.json", json.dumps(split_record, indent=1))
-    for split, idx in (("train", tr), ("val", va), ("test", te)):
-        missing = [] if kind == "multilabel" else sorted(set(range(len(names))) - set(labels[idx].tolist()))
-        if missing:
-            raise ValueError(f"the {split} split has no example of class(es) {[names[c] for c in missing]}")
     mask_all = mask if mask is not None else np.ones(labels.shape, np.float32)  # 0: a label left out (uncertain)
+    for split, idx in (("train", tr), ("val", va), ("test" if args.score == "test" else "scored val", te)):
+        bad = unscorable(kind, labels[idx], mask_all[idx], names)  # a head needs every class; val, test score some
+        if bad and (split == "train" and kind != "multilabel" or len(bad) == (1 if kind == "binary" else len(names))):
+            raise ValueError(f"the {split} split cannot be used: {', '.join(bad)}")
+        if bad and split != "train":
+            print(f"{split}: {', '.join(bad)} cannot be scored: left out of the means in every mode")
+    groups = [str(ids[i]) for i in te]  # the bootstrap's unit: a patient, all of a patient's images together
+    resampled = (f"the {len(set(groups))} scored patients, all of a patient's images together" if len(set(groups))
+                 < len(te) else "the scored images, one per patient" if groups[0] != str(paths[te[0]]) else
+                 "the scored images: the task names no patients (split by image too)")
     ds = data.ImageDataset(paths, None, data.eval_transform(args.size), size=args.size, channels=channels,
                            cache_dir=args.cache_dir or None, skip_bad=args.skip_bad, workers=args.workers)
     if len(ds) != len(paths):
@@ -587,28 +647,28 @@ def main(argv=None):
     results = json.loads((out / "results.json").read_text()) if args.resume and (out / "results.json").exists() else []
     # a cell is done only if it came from the same weights: a checkpoint re-trained under the same name is re-evaluated
     source_of = {n: f"init:{w}" if src == "init" else source_id(w) for n, (src, w) in rows}
-    paired = {n: src == "ckpt" and data.load_checkpoint(w)["method"] == "convirt"
+    paired = {n: src == "ckpt" and plain_state_dict(w) is None and data.load_checkpoint(w)["method"] == "convirt"
               for n, (src, w) in rows if "zeroshot" in args.mode}  # the checkpoints read again for zero-shot only
     if "zeroshot" in args.mode and not any(paired.values()):
         raise ValueError("--mode zeroshot needs a convirt.py checkpoint (an image-text model); no row has a text tower")
 
     def same_weights(c):  # cells written before sources were recorded carry none, and are kept; so are other rows'
         same = "source" not in c or c["method"] not in source_of or c["source"] == source_of[c["method"]]
-        return same and c.get("scored", "test") == args.score
+        prompts = c["mode"] != "zeroshot" or not sets or c.get("prompts_sha256") == prompts_id["prompts_sha256"]
+        return same and prompts and c.get("scored", "test") == args.score
 
     stale = [c for c in results if not same_weights(c)]
     if stale:
-        print(f"--resume: {len(stale)} cell(s) of {sorted({c['method'] for c in stale})} came from other weights "
-              "or another --score: re-evaluated")
+        print(f"--resume: {len(stale)} cell(s) of {sorted({c['method'] for c in stale})} came from other weights, "
+              "another --score or other prompts: re-evaluated")
         results = [c for c in results if same_weights(c)]
     done = {(c["method"], c["mode"], c["fraction"], c["seed"]) for c in results}
     n_out = labels.shape[1] if kind == "multilabel" else (1 if kind == "binary" else len(names))
     ft_aug = T.Compose([T.RandomResizedCrop(args.size, scale=(0.8, 1.0), antialias=True), data.ToRGBNormalized()])
-    curves = {}
+    curves, split = {}, (("val", "test"), (va, te))
     print(f"finetune: task {args.task} ({kind}, {len(names)} classes), {len(paths)} images (train {len(tr)} / val "
           f"{len(va)} / {'test' if args.score == 'test' else 'scored: val'} {len(te)}), rows {[r[0] for r in rows]}, "
           f"modes {args.mode}; split {out / 'split.json'} (sha256 {split_record['sha256'][:16]})")
-    split = (("val", "test"), (va, te))
     for name, (src, what) in rows:
         def fresh():  # this row's encoder, as it starts, on the device
             net, dim = data.image_encoder(args.arch, what) if src == "init" else load_encoder(what, args.arch)
@@ -629,10 +689,9 @@ def main(argv=None):
                     if zeroshot:  # the prompt set, too, is chosen on val
                         clip = image_text_model(what, device)
                         emb = {k: extract(clip, loader_of(i), device, amp, clip.encode_image) for k, i in zip(*split)}
-                        sets = prompt_sets(names, kind, args.prompts)
                         auc = {k: metrics(kind, labels[va], zero_shot(clip, emb["val"], p, kind), mask=mask_all[va]
                                           )["auc"] or 0.0 for k, p in sets.items()}
-                        extra = {"prompts": max(auc, key=auc.get), "prompts_val_auc": auc}
+                        extra = {"prompts": max(auc, key=auc.get), "prompts_val_auc": auc, **prompts_id}
                         s_va, s_te = (zero_shot(clip, emb[k], sets[extra["prompts"]], kind) for k in ("val", "test"))
                     else:
                         enc, dim = fresh()
@@ -640,7 +699,7 @@ def main(argv=None):
                         feats = {k: extract(enc, loader_of(idx), device, amp).numpy()
                                  for k, idx in (("train", tr), ("val", va), ("test", te))}
                     if mode == "knn":
-                        score = knn_scorer(feats["train"][chosen], labels[sub], kind, n_out)
+                        score = knn_scorer(feats["train"][chosen], labels[sub], kind, n_out, mask_all[sub])
                     elif mode == "linear":
                         before = {k: v.clone() for k, v in enc.state_dict().items()}
                         score, lin = fit_linear(kind, feats["train"][chosen], labels[sub], mask_all[sub],
@@ -663,11 +722,11 @@ def main(argv=None):
                                                     if n in data.CHEXPERT_5 and a is not None] or [np.nan]))
                     if args.bootstrap:
                         m["auc_boot"], m["f1_boot"] = bootstrap(kind, labels[te], s_te, thr, mask_all[te],
-                                                                args.bootstrap)
+                                                                args.bootstrap, groups=groups)
                         m["auc_ci"], m["f1_ci"] = interval([m["auc_boot"]]), interval([m["f1_boot"]])
                     m.update(method=name, source=source_of[name], scored=args.score, mode=mode, fraction=f, seed=seed,
                              n_train=int(len(sub)), confusion=confusion(kind, labels[te], s_te, thr, mask_all[te]),
-                             **extra)
+                             resampled=resampled, **extra)
                     results.append(m)
                     data.atomic_write_text(out / "results.json", json.dumps(results, indent=1))  # cell by cell
                     print(f"  {name:>12} {mode:>8} {f:>5g} seed {seed}: F1 {m['f1']:.3f}  AUC "
@@ -682,8 +741,7 @@ def main(argv=None):
             print(f"  {name}: K-means NMI {summary['kmeans']['nmi']:.3f}, DBSCAN NMI {summary['dbscan']['nmi']:.3f}, "
                   f"effective rank {summary['effective_rank']:.1f} of {feats['test'].shape[1]}")
 
-    methods = [r[0] for r in rows]
-    table = results_table(results, methods, args.fractions)
+    table = results_table(results, [r[0] for r in rows], args.fractions, resampled)
     data.atomic_write_text(out / "results.md", f"# {args.task}: {len(names)} classes, {args.score} n = {len(te)}, "
                            f"split sha256 {split_record['sha256'][:16]} (split.json)\n\n{table}")
     write_csv(results, out / "results.csv")
@@ -705,7 +763,6 @@ def write_csv(results, path):
 
 def pyplot():
     import matplotlib
-
     matplotlib.use("Agg")  # files only: no screen needed
     import matplotlib.pyplot as plt
     return plt
@@ -719,7 +776,6 @@ def save_figure(fig, path, dpi=120):
 
 def figures(results, curves, y, mask, names, kind, fractions, out):
     from sklearn.metrics import roc_curve
-
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     for mode in sorted({c["mode"] for c in results} - {"zeroshot"}):
@@ -746,7 +802,6 @@ def figures(results, curves, y, mask, names, kind, fractions, out):
 
 def embed_figures(f, y, names, method, out, kind):
     from sklearn.manifold import TSNE
-
     plt = pyplot()
     if kind == "multilabel":
         y = y.argmax(1)  # colour by the first positive observation

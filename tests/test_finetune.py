@@ -206,7 +206,7 @@ def test_smoke_both_modes_figures_and_resume(checkpoints, tmp_path, capsys):
         os.utime(other, ns=(other.stat().st_atime_ns, other.stat().st_mtime_ns + 10**9))  # as if re-trained
 
 
-def test_knn_and_zeroshot_modes(checkpoints, tmp_path):
+def test_knn_and_zeroshot_modes(checkpoints, tmp_path, capsys):
     # the weighted kNN trains nothing; zero-shot scores by prompts, one cell at 0 % of the labels, its prompt set
     # chosen on val among "prompt 1", "prompt 2" (each list's i-th) and their "ensemble"; a row without a text
     # tower is skipped with one line, and a table of such rows only is refused
@@ -226,6 +226,21 @@ def test_knn_and_zeroshot_modes(checkpoints, tmp_path):
     assert all(c["n_train"] == 36 and c["auc"] is not None for c in res if c["mode"] == "knn")  # 10 % of 360
     assert "simclr: zero-shot needs a convirt.py checkpoint" in p.stdout
     assert "| Method | 0 % |" in (out / "results.md").read_text()
+    # the cell records its prompts; --resume keeps it while they are the same and recomputes it when they change
+    import hashlib
+
+    sha = hashlib.sha256(prompts.read_bytes()).hexdigest()
+    assert (zs[0]["prompts_file"], zs[0]["prompts_sha256"]) == (str(prompts), sha)
+    args = [str(a) for a in p.args[2:]] + ["--resume"]
+    finetune.main(args)
+    assert "seed 0:" not in capsys.readouterr().out
+    prompts.write_text(json.dumps({"pneumonia": {"pos": ["pneumonia"], "neg": ["The lungs are clear."]}}))
+    finetune.main(args)
+    stdout = capsys.readouterr().out
+    assert "1 cell(s) of ['convirt'] came from other weights, another --score or other prompts" in stdout
+    assert stdout.count("seed 0:") == 1 and "(prompts: default)" in stdout
+    zs = [c for c in json.loads((out / "results.json").read_text()) if c["mode"] == "zeroshot"]
+    assert len(zs) == 1 and zs[0]["prompts_sha256"] == hashlib.sha256(prompts.read_bytes()).hexdigest()
     with pytest.raises((SystemExit, ValueError), match="--mode zeroshot needs a convirt.py checkpoint"):
         finetune.main(["--ckpt", str(checkpoints["simclr"]), "--mode", "zeroshot", "--size", "32",
                        "--out", str(tmp_path / "no")])
@@ -388,4 +403,143 @@ def test_score_val_never_reads_the_test_split(tmp_path, demo, monkeypatch):
     assert cell["scored"] == "val" and "val n = 120" in (tmp_path / "v" / "results.md").read_text()
     # a --resume under the other --score re-evaluates rather than mixing the two
     p = run_script("finetune.py", *args, "--out", tmp_path / "v", "--resume")
-    assert "another --score: re-evaluated" in p.stdout
+    assert "another --score or other prompts: re-evaluated" in p.stdout
+
+
+# --------------------------------------------------------------- evaluation you can trust on real data sets
+
+def test_bootstrap_resamples_patients_so_copies_of_a_patient_add_nothing():
+    # 80 patients scored once, then each patient's score given on 2 and on 3 images (MIMIC's PA + lateral). Resampling
+    # patients, a resample of the copied set is the same patients' images k times over: every (positive, negative) pair
+    # counts k^2 times and every F1 count k times, so AUC and F1 are the single set's, and the draws depend on the
+    # number of patients alone: the interval is exactly the same. Resampling images (the old bootstrap) it narrows,
+    # about as 1 / sqrt(k) (0.18 -> 0.14 -> 0.12 here), with no new information.
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 40)
+    s = y + rng.normal(0, 1.2, 80)
+    one = finetune.interval([finetune.bootstrap("binary", y, s, 0.5, n=400, groups=np.arange(80))[0]])
+    for k in (2, 3):
+        yk, sk, patients = np.repeat(y, k), np.repeat(s, k), np.repeat(np.arange(80), k)
+        auc, f1 = finetune.bootstrap("binary", yk, sk, 0.5, n=400, groups=patients)
+        assert finetune.interval([auc]) == pytest.approx(one)
+        assert f1 == pytest.approx(finetune.bootstrap("binary", y, s, 0.5, n=400, groups=np.arange(80))[1])
+        by_image = finetune.interval([finetune.bootstrap("binary", yk, sk, 0.5, n=400)[0]])
+        assert by_image[1] - by_image[0] < 0.85 * (one[1] - one[0])
+    # one image per patient (RSNA): the patients' draws are the images' draws, whatever the ids
+    ids = [f"p{i}" for i in range(80)]
+    assert finetune.bootstrap("binary", y, s, 0.5, n=50, groups=ids) == finetune.bootstrap("binary", y, s, 0.5, n=50)
+
+
+def test_knn_masked_neighbours_cast_no_vote_golden():
+    # Bank A = (1, 0), B = (0.8, 0.6), C = (0.8, -0.6), query q = (1, 0): cosines 1, 0.8, 0.8, weights
+    # exp((s - 1) / 0.07) = 1, e^-2.857143 = 0.057433, 0.057433 (k = 20 capped at the bank's 3).
+    # label 0: A positive, B and C masked (uncertain): A alone votes, 1 * 1 / 1 = 1.0 (as negatives they gave
+    #   1 / (1 + 2 * 0.057433) = 0.896969: --uncertainty ignore behaved as zeros)
+    # label 1: A 0, B 1, C masked: 0.057433 / (1 + 0.057433) = 0.054313 (unmasked: 0.057433 / 1.114865 = 0.051515)
+    # label 2: all three masked: nobody knows it, 0.5
+    bank = np.array([[1, 0], [0.8, 0.6], [0.8, -0.6]], np.float32)
+    y = np.array([[1, 0, 1], [0, 1, 0], [0, 0, 1]], np.float32)
+    m = np.array([[1, 1, 0], [0, 1, 0], [0, 0, 0]], np.float32)
+    score = finetune.knn_scorer(bank, y, "multilabel", 3, m)
+    assert score(np.array([[1.0, 0.0]], np.float32))[0].tolist() == pytest.approx([1.0, 0.054313, 0.5], abs=1e-6)
+    # without a mask every entry votes, as before
+    assert finetune.knn_scorer(bank, y, "multilabel", 3)(np.array([[1.0, 0.0]], np.float32))[0, :2].tolist() == \
+        pytest.approx([0.896969, 0.051515], abs=1e-6)
+    # a query's masked label is not scored: the third query's label 0 (score 0.9, label 0) would break the order
+    yq, sq = np.array([[1, 0], [0, 1], [0, 1]]), np.array([[0.8, 0.1], [0.2, 0.7], [0.9, 0.6]])
+    mq = np.array([[1, 1], [1, 1], [0, 1]])
+    assert finetune.metrics("multilabel", yq, sq, [0.5, 0.5], mq)["per_class_auc"][0] == 1.0
+
+
+def test_a_label_a_split_cannot_score_is_said_and_left_out_of_every_mean():
+    # observation b masked on every image (CheXpert's -1 under --uncertainty ignore), observation c never positive
+    y = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 0]])
+    s = np.array([[0.9, 0.1, 0.2], [0.2, 0.3, 0.8], [0.7, 0.2, 0.6], [0.1, 0.4, 0.3]])
+    mask = np.array([[1, 0, 1]] * 4)
+    # val: no threshold to choose for b or c (the old code stopped on numpy's zero-size reduction for b)
+    assert finetune.choose_thresholds("multilabel", y, s, mask) == [0.7, 0.5, 0.5]
+    m = finetune.metrics("multilabel", y, s, [0.5, 0.5, 0.5], mask)
+    # only a is scored: AUC 1, F1 1 (0.9, 0.7 found, 0.2, 0.1 not), accuracy 1; c's F1 0 and accuracy 1/2
+    # (0.6 >= 0.5 is a false positive) and b's empty column are left out
+    assert m["per_class_auc"] == [1.0, None, None] and (m["auc"], m["f1"], m["acc"]) == (1.0, 1.0, 1.0)
+    assert finetune.confusion("multilabel", y, s, [0.5] * 3, mask)[1:] == [[[0, 0], [0, 0]], [[2, 2], [0, 0]]]
+    assert finetune.unscorable("multilabel", y, mask, ["a", "b", "c"]) == ["'b' (all masked)", "'c' (no positive)"]
+    # multi-class: a class absent from the split is left out of the macro F1 (the argmax is always right here)
+    yc = np.array([0, 1, 0, 1])
+    assert finetune.metrics("multiclass", yc, np.eye(3)[yc])["f1"] == 1.0
+    assert finetune.unscorable("multiclass", yc, None, ["x", "y", "z"]) == ["'z' (no positive)"]
+
+
+@pytest.mark.parametrize("content,expected", [
+    ('["pneumonia"]', "expected {label: {\"pos\": [...], \"neg\": [...]}, non-empty prompt lists} for the labels "
+                      "['pneumonia'], found a list"),
+    ('{"pneumonia": {"pos": [], "neg": ["clear lungs"]}}', "'pneumonia' needs {\"pos\""),
+    ('{"pneumonia": {"pos": "pneumonia", "neg": ["clear lungs"]}}', "found {\"pos\": \"pneumonia\""),
+    ('{"pneumonia": {"pos": ["pneumonia"]}}', "'pneumonia' needs"),
+    ('{"pneumonia": {"pos": ["a"], "neg": ["b"]}, "effusion": {"pos": ["a"], "neg": ["b"]}}', "the label 'effusion'"),
+    ('{}', "'pneumonia' needs {\"pos\": [...], \"neg\": [...]}, non-empty prompt lists; found none"),
+    ('{"pneumonia": ', "not valid JSON (Expecting value: line 1 column 15"),
+])
+def test_a_bad_prompts_file_is_one_line_before_any_checkpoint_is_read(tmp_path, demo, content, expected):
+    # the checkpoint named does not exist: the prompts file must be read, and refused, first
+    f = tmp_path / "prompts.json"
+    f.write_text(content)
+    with pytest.raises(ValueError) as e:
+        finetune.main(["--ckpt", str(tmp_path / "none.pt"), "--mode", "zeroshot", "--prompts", str(f), "--size", "32",
+                       "--out", str(tmp_path / "out")])
+    assert str(e.value).startswith(f"{f}: ") and expected in str(e.value) and "\n" not in str(e.value)
+    # a class's list (multi-class tasks)
+    f.write_text('{"a": ["an a"], "b": []}')
+    with pytest.raises(ValueError, match="'b' needs a non-empty list of prompts; found \\[\\]"):
+        finetune.prompt_sets(["a", "b"], "multiclass", f)
+
+
+def test_a_torchvision_state_dict_is_a_row(tmp_path):
+    # a published encoder converted to torchvision's keys: random weights here, with and without its classifier
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18()
+    torch.save(tv.state_dict(), tmp_path / "with-fc.pt")
+    torch.save({k: v for k, v in tv.state_dict().items() if not k.startswith("fc.")}, tmp_path / "no-fc.pt")
+    tv.fc = nn.Identity()
+    x = torch.randn(2, 3, 32, 32)
+    for name in ("with-fc.pt", "no-fc.pt"):
+        enc, dim = finetune.load_encoder(str(tmp_path / name), "resnet18")
+        with torch.no_grad():
+            assert dim == 512 and torch.allclose(enc.eval()(x), tv.eval()(x), atol=1e-6)
+    with pytest.raises(ValueError, match="no-fc.pt: a plain state dict, not a torchvision resnet50's \\(--arch\\)"):
+        finetune.load_encoder(str(tmp_path / "no-fc.pt"), "resnet50")
+
+
+def test_csv_task_split_and_intervals_by_patient_beside_a_torchvision_row(tmp_path, demo, capsys):
+    # The demo's RSNA images as a CSV task, 3 images to a patient (patients P000..P199), two 0/1 label columns of
+    # which "never" has no positive: said once per split, left out of the means. A torchvision state dict row
+    # beside the random one, linear and kNN.
+    paths, labels, _, _ = data.demo_labelled("rsna")
+    rows = ["path,pneumonia,never,patient"] + [f"{p},{y},0,P{i // 3:03d}"
+                                                for i, (p, y) in enumerate(zip(paths, labels))]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "tv.pt")
+    base = ["--task", "csv", "--data", str(tmp_path / "labels.csv"), "--label-col", "pneumonia,never", "--size", "32",
+            "--workers", "0", "--fractions", "1.0", "--bootstrap", "20"]
+    finetune.main([*base, "--patient-col", "patient", "--init", "random", "--ckpt", f"tv={tmp_path / 'tv.pt'}",
+                   "--mode", "linear", "knn", "--out", str(tmp_path / "run")])
+    stdout = capsys.readouterr().out
+    assert "test: 'never' (no positive) cannot be scored: left out of the means in every mode" in stdout
+    split = json.loads((tmp_path / "run" / "split.json").read_text())["patients"]
+    assert sorted(sum(split.values(), [])) == [f"P{i:03d}" for i in range(200)]  # each patient in one split only
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert {(c["method"], c["mode"]) for c in res} == {(m, k) for m in ("random", "tv") for k in ("linear", "knn")}
+    assert all(c["per_class_auc"][1] is None and c["auc"] == c["per_class_auc"][0] for c in res)
+    n = len(split["test"])
+    assert f"Intervals resample the {n} scored patients, all of a patient's images together." in \
+        (tmp_path / "run" / "results.md").read_text()
+    # a row without its patient is refused (its image would be a patient alone)
+    (tmp_path / "gap.csv").write_text("path,label,patient\na.png,0,P1\nb.png,1,\n")
+    with pytest.raises(ValueError, match="gap.csv: 1 row\\(s\\) with an empty 'patient' cell .*b.png"):
+        data.read_label_csv(tmp_path / "gap.csv", patient_col="patient")
+    # without the column: by image, and said
+    args = finetune.get_args([*base, "--init", "random"])
+    assert finetune.load_task(args)[4] == [str(tmp_path / p) for p in paths]
+    assert "--task csv: split and bootstrap by image, no patients named" in capsys.readouterr().out
+    finetune.load_task(finetune.get_args(["--task", "folder", "--init", "random"]))
+    assert "--task folder: split and bootstrap by image" in capsys.readouterr().out

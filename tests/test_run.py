@@ -124,14 +124,14 @@ def test_convirt_temperature_trains_at_batch_256(tmp_path, demo, monkeypatch):
 
 # ---------------------------------------------------------------------------------- sizes and a copied script
 
-SIZES = {"simclr.py": 300, "byol.py": 340, "barlow.py": 350, "convirt.py": 560, "finetune.py": 800}
+SIZES = {"simclr.py": 300, "byol.py": 340, "barlow.py": 350, "convirt.py": 560, "finetune.py": 850}
 MAIN = {"simclr.py": 100, "byol.py": 100, "barlow.py": 100, "convirt.py": 150}
 
 
 def test_data_py_holds_its_size():  # the demo generator lives in demo.py
     lines = (ROOT / "data.py").read_text().splitlines()
     assert not [i + 1 for i, x in enumerate(lines) if len(x) > 120]
-    assert len(lines) <= 1300, f"data.py: {len(lines)} lines"
+    assert len(lines) <= 1500, f"data.py: {len(lines)} lines"
 
 
 @pytest.mark.parametrize("script", sorted(SIZES))
