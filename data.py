@@ -1077,7 +1077,12 @@ class Run:
         self.cuda = a.device.startswith("cuda") or (a.device == "auto" and torch.cuda.is_available())
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         if "RANK" in os.environ:  # torchrun: NCCL between GPUs, gloo between CPU processes
-            torch.distributed.init_process_group("nccl" if self.cuda else "gloo")
+            store, _, _ = next(torch.distributed.rendezvous("env://"))
+            # torchrun keeps its store across restarts: this attempt's keys apart, or a restarted rank would read
+            # the dead ranks' addresses and fail to connect
+            store = torch.distributed.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/", store)
+            torch.distributed.init_process_group("nccl" if self.cuda else "gloo", store=store, rank=self.rank,
+                                                 world_size=self.world)
         local = os.environ.get("LOCAL_RANK")
         self.device = torch.device((f"cuda:{local}" if local else "cuda" if a.device == "auto" else a.device)
                                    if self.cuda else "cpu")
@@ -1301,7 +1306,7 @@ class Run:
     def draw(self):
         """curves.png beside the log, redrawn from it (at each epoch's end and at the stop)."""
         if self.master and (self.out / "log.jsonl").is_file():
-            plot_runs([(self.out.name, self.out)], self.out / "curves.png")
+            _demo().plot_runs([(self.out.name, self.out)], self.out / "curves.png")
 
     def warn_once(self, condition, message):
         """A warning the first time `condition` holds: a collapse is said once, not at every step."""
@@ -1413,31 +1418,6 @@ def knn_accuracy(bank, bank_y, queries, query_y, k=KNN_K, t=KNN_T):
 
 
 # ---------------------------------------------------------------------------------------------- Curves and trackers
-EVAL_KEY = re.compile(r"((i2i|t2i)_p|knn_top1)@\d+$")  # retrieval P@k (ConVIRT), kNN top-1 (image-only scripts)
-
-
-def read_log(run_dir):
-    """RUN/log.jsonl as one run: {"step"|"epoch"|"eval": its lines in step order}. A step logged twice (a crash
-    after the last checkpoint, then --resume) keeps its later line; lines marked "superseded" are skipped."""
-    path, kinds = Path(run_dir) / "log.jsonl", {"step": {}, "epoch": {}, "eval": {}}
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such log (is {run_dir} a run folder?)")
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(ValueError):  # a line cut by a crash mid-write
-            rec = json.loads(line)
-            kind = ("step" if "loss" in rec else "epoch" if "epoch_loss" in rec
-                    else "eval" if any(map(EVAL_KEY.match, rec)) else None)
-            if kind and "step" in rec and not rec.get("superseded"):
-                kinds[kind][rec["step"]] = rec
-    return {kind: [lines[s] for s in sorted(lines)] for kind, lines in kinds.items()}
-
-
-def plot_runs(runs, out):
-    """The curves of runs [(label, run folder)] overlaid panel by panel into the PNG `out` (demo.py draws them:
-    matplotlib loads only then). Returns {panel: {"label: series": (steps, values)}}, what was drawn."""
-    return _demo().plot_runs(runs, out)
-
-
 class Tracker:
     """--report-to tensorboard,wandb: each logged line mirrored at its step, to RUN/tensorboard and to W&B (its
     run id in RUN/wandb-id). A resume from step `start_step` continues the same step axis and the same W&B run;
@@ -1458,16 +1438,12 @@ class Tracker:
 
     @staticmethod
     def _wandb(wandb, run_dir, args):
-        """Offline (a cluster node has no network) unless WANDB_MODE says otherwise or an API key is there, in the
-        environment or in the ~/.netrc that `wandb login` writes. The run id: made once, reused on resume."""
-        id_file, netrc = run_dir / "wandb-id", Path.home() / ".netrc"
-        run_dir.mkdir(parents=True, exist_ok=True)
+        """The run id made once and reused on resume; WANDB_MODE=offline on a node without network (wandb sync later)."""
+        id_file = run_dir / "wandb-id"
         if not id_file.exists():
             atomic_write_text(id_file, os.urandom(4).hex())
-        key = os.environ.get("WANDB_API_KEY") or netrc.is_file() and "api.wandb.ai" in netrc.read_text()
         return wandb.init(project=os.environ.get("WANDB_PROJECT", "medssl"), name=run_dir.name, dir=str(run_dir),
-                          id=id_file.read_text().strip(), resume="allow", config=args,
-                          mode=os.environ.get("WANDB_MODE") or ("online" if key else "offline"))
+                          id=id_file.read_text().strip(), resume="allow", config=args)
 
     def log(self, rec):
         """Every number of a logged line at the line's step; a list ("lrs") as one value per group ("lrs/0", ...)."""
@@ -1489,8 +1465,9 @@ class Tracker:
 
 # --------------------------------------------------- The demo data set: demo.py, imported only when it is asked for
 def __getattr__(name):
-    """data.demo_root, demo_pairs, demo_images, demo_labelled (PEP 562): from demo.py, loaded on first use."""
-    if name.startswith("demo_") or name == "DEMO_VERSION":
+    """data.demo_root, demo_pairs, demo_images, demo_labelled, and plot_runs / read_log (the curves: matplotlib
+    loads only when one is drawn) (PEP 562): from demo.py, loaded on first use."""
+    if name.startswith("demo_") or name in ("DEMO_VERSION", "plot_runs", "read_log"):
         return getattr(_demo(), name)
     raise AttributeError(f"module 'data' has no attribute {name!r}")
 

@@ -12,6 +12,7 @@ are drawn (`data.plot_runs`).
     python data.py plot softmax=runs/a sigmoid=runs/b      # the runs' curves overlaid, in curves.png
 """
 import argparse
+import contextlib
 import csv
 import hashlib
 import json
@@ -26,9 +27,8 @@ import numpy as np
 import torch
 import torchvision.transforms.v2 as T
 
-from data import (CHEXPERT_14, EVAL_KEY, HERLEV_CLASSES, ImageDataset, default_cache_dir, eval_split, file_lock,
-                  fit_square, load_image, mimic_cxr_pairs, patient_split, read_class_folders, read_log,
-                  read_rsna_labels)
+from data import (CHEXPERT_14, HERLEV_CLASSES, ImageDataset, default_cache_dir, eval_split, file_lock,
+                  fit_square, load_image, mimic_cxr_pairs, patient_split, read_class_folders, read_rsna_labels)
 
 # ----------------------------------------------------------------------------------
 # The demo data set's accessors (data.demo_root, ... reach them through data.__getattr__)
@@ -575,6 +575,23 @@ def bench_cache(n=40, size=224, source_size=2048, workers=0):
 # ----------------------------------------------------------------------------------
 _FAINT, _DASHED = dict(alpha=0.35, lw=0.8), dict(ls="--", lw=1.0)
 _BOLD = [dict(lw=1.6, ls=ls) for ls in ("-", ":", "-.")]  # a run's several series in one panel, told apart
+EVAL_KEY = re.compile(r"((i2i|t2i)_p|knn_top1)@\d+$")  # retrieval P@k (ConVIRT), kNN top-1 (image-only scripts)
+
+
+def read_log(run_dir):
+    """RUN/log.jsonl as one run: {"step"|"epoch"|"eval": its lines in step order}. A step logged twice (a crash
+    after the last checkpoint, then --resume) keeps its later line; lines marked "superseded" are skipped."""
+    path, kinds = Path(run_dir) / "log.jsonl", {"step": {}, "epoch": {}, "eval": {}}
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such log (is {run_dir} a run folder?)")
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):  # a line cut by a crash mid-write
+            rec = json.loads(line)
+            kind = ("step" if "loss" in rec else "epoch" if "epoch_loss" in rec
+                    else "eval" if any(map(EVAL_KEY.match, rec)) else None)
+            if kind and "step" in rec and not rec.get("superseded"):
+                kinds[kind][rec["step"]] = rec
+    return {kind: [lines[s] for s in sorted(lines)] for kind, lines in kinds.items()}
 
 
 def _curves(log):
