@@ -16,6 +16,7 @@ import contextlib
 import csv
 import functools
 import importlib
+import importlib.util
 import json
 import math
 import multiprocessing
@@ -960,6 +961,10 @@ def parse_args(p, argv=None):
     args = p.parse_args(argv)
     if args.resume == "auto" and not args.out:
         p.error("--resume auto needs --out: the run folder that every restart continues")
+    for name in filter(None, args.report_to.split(",")):  # said now, not after the images are decoded
+        if name not in ("tensorboard", "wandb") or importlib.util.find_spec(name) is None:
+            p.error(f"--report-to {name}: " + (f"not installed: pip install {name}" if name in ("tensorboard", "wandb")
+                                               else "choose tensorboard, wandb or both (comma-separated)"))
     if not args.resume or (args.resume == "auto" and not (Path(args.out) / "checkpoint.pt").is_file()):
         return args  # a new run (--resume auto the first time: started as the same command will continue it)
     saved = Path(args.out or "") / "args.json"
@@ -1113,6 +1118,7 @@ class Run:
         self.epoch_done, self.stopped, self.warned, self.signal, self.log_file, self.handlers = \
             True, False, False, None, None, {}
         self.bar = self.tracker = None
+        self.drawn = self.cost = 0.0
 
     def prepare(self, model):
         """On the device; on CUDA in channels_last and, under torchrun, with SyncBatchNorm (the CPU: per process)."""
@@ -1303,10 +1309,13 @@ class Run:
             if self.tracker:
                 self.tracker.log(rec)
 
-    def draw(self):
-        """curves.png beside the log, redrawn from it (at each epoch's end and at the stop)."""
-        if self.master and (self.out / "log.jsonl").is_file():
+    def draw(self, last=False):
+        """curves.png beside the log, redrawn from it at an epoch's end (as often as keeps it under 5 % of the run's
+        time: a demo epoch takes seconds, a draw 0.2 s) and at the stop."""
+        if self.master and (self.out / "log.jsonl").is_file() and (last or time.time() > self.drawn + 19 * self.cost):
+            t = time.time()
             _demo().plot_runs([(self.out.name, self.out)], self.out / "curves.png")
+            self.drawn, self.cost = time.time(), time.time() - t
 
     def warn_once(self, condition, message):
         """A warning the first time `condition` holds: a collapse is said once, not at every step."""
@@ -1352,7 +1361,7 @@ class Run:
         if self.log_file is not None:
             self.log_file.close()
             self.log_file = None
-            self.draw()
+            self.draw(last=True)
         for obj in (self.tracker, self.bar):
             if obj is not None:
                 obj.close()
@@ -1438,12 +1447,16 @@ class Tracker:
 
     @staticmethod
     def _wandb(wandb, run_dir, args):
-        """The run id made once and reused on resume; WANDB_MODE=offline on a node without network (wandb sync later)."""
-        id_file = run_dir / "wandb-id"
+        """Offline (a cluster node has no network) unless WANDB_MODE says otherwise or an API key is there, in the
+        environment or in the ~/.netrc that `wandb login` writes. The run id: made once, reused on resume."""
+        id_file, netrc = run_dir / "wandb-id", Path.home() / ".netrc"
+        run_dir.mkdir(parents=True, exist_ok=True)
         if not id_file.exists():
             atomic_write_text(id_file, os.urandom(4).hex())
+        key = os.environ.get("WANDB_API_KEY") or netrc.is_file() and "api.wandb.ai" in netrc.read_text()
         return wandb.init(project=os.environ.get("WANDB_PROJECT", "medssl"), name=run_dir.name, dir=str(run_dir),
-                          id=id_file.read_text().strip(), resume="allow", config=args)
+                          id=id_file.read_text().strip(), resume="allow", config=args,
+                          mode=os.environ.get("WANDB_MODE") or ("online" if key else "offline"))
 
     def log(self, rec):
         """Every number of a logged line at the line's step; a list ("lrs") as one value per group ("lrs/0", ...)."""

@@ -8,7 +8,7 @@ import pytest
 
 import data
 import demo as demo_py
-from conftest import run_script
+from conftest import run_script, usage_error
 
 
 def write_log(run_dir, lines):
@@ -150,3 +150,41 @@ def test_a_missing_tracker_package_is_one_line_with_its_pip_install(tmp_path, mo
     with pytest.raises(ImportError) as e:
         data.Tracker([name], tmp_path, {})
     assert str(e.value) == f"--report-to {name}: {name} is not installed: pip install {name}"
+
+
+# ------------------------------------------------------------------------------------ what a training run keeps
+
+@pytest.mark.parametrize("script", ["simclr", "byol", "barlow", "convirt"])
+def test_every_pretraining_script_offers_the_trackers_and_resume_auto(script, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(script).get_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--report-to REPORT_TO" in text and "also log to tensorboard, wandb or both" in text
+    assert "--resume [{yes,auto}]" in text and "--stop-signals" in text
+
+
+def test_a_run_keeps_its_curves_and_mirrors_its_log_to_tensorboard_across_a_resume(tmp_path, demo, capsys):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import simclr
+
+    out = tmp_path / "run"
+    args = ["--size", "32", "--batch-size", "16", "--proj-hidden", "32", "--log-every", "1", "--epochs", "1",
+            "--workers", "0", "--report-to", "tensorboard", "--out", str(out), "--resume", "auto"]
+    simclr.main([*args, "--max-steps", "3"])
+    assert (out / "curves.png").stat().st_size > 10_000  # drawn at the stop
+    simclr.main(args)  # the same command: on to the epoch's 12th step, where the kNN line is logged and drawn
+    log = data.read_log(out)
+    drawn = data.plot_runs([("run", out)], tmp_path / "again.png")
+    assert drawn["loss"]["run: loss"] == ([r["step"] for r in log["step"]], [r["loss"] for r in log["step"]])
+    # the epoch's line: its mean loss at the cut (step 3), then at its end (step 12)
+    assert drawn["loss"]["run: epoch loss"] == ([3, 12], [r["epoch_loss"] for r in log["epoch"]])
+    assert drawn["retrieval"]["run: knn_top1@20"][0] == [0, 3, 12]  # untrained, at the cut, at the end
+    assert [r["step"] for r in log["step"]] == list(range(1, 13))
+    events = EventAccumulator(str(out / "tensorboard")).Reload().Scalars("loss")
+    assert [(e.step, pytest.approx(e.value)) for e in events] == [(r["step"], r["loss"]) for r in log["step"]]
+    assert "--report-to wandb: not installed: pip install wandb" in usage_error(
+        simclr.get_args, ["--report-to", "wandb"], capsys) or pytest.importorskip("wandb") is None
