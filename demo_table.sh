@@ -7,8 +7,8 @@ cd "$(dirname "$0")"
 out=${1:-runs/demo-table}
 mkdir -p "$out"
 py=${PYTHON:-python}
-# a run cut short keeps its last epoch's checkpoint: --resume finishes it (and returns at once if it is done)
-run() { if [ -f "$out/$1/checkpoint.pt" ]; then "$py" "${@:2}" --out "$out/$1" --resume; else "$py" "${@:2}" --out "$out/$1"; fi; }
+# --resume auto: a run cut short continues from its last checkpoint (and returns at once if it is done)
+run() { "$py" "${@:2}" --out "$out/$1" --resume auto; }
 
 # image-report pretraining (demo chest radiographs), then the demo pneumonia task
 run convirt-softmax convirt.py --loss softmax

@@ -82,9 +82,8 @@ def summary(variant, seed, args, run):
 def launch(variant, seed, args):
     folder = Path(args.runs) / f"{variant}-{args.arch}-{args.size}-s{seed}"
     if read_run(folder) is None:
-        resume = ["--resume"] if (folder / "checkpoint.pt").exists() else []  # a run cut short continues
         cmd = [sys.executable, str(ROOT / "convirt.py"), *VARIANTS[variant], "--device", args.device, "--arch", args.arch,
-               "--size", str(args.size), "--seed", str(seed), "--out", str(folder), *resume, *args.extra]
+               "--size", str(args.size), "--seed", str(seed), "--out", str(folder), "--resume", "auto", *args.extra]  # a run cut short continues
         env = dict(os.environ)
         if args.device == "cpu":
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))

@@ -56,8 +56,7 @@ def pretrain(setting, seed, args):
     folder = Path(args.runs) / folder_name(setting, seed)
     if (folder / "done").exists():
         return folder
-    resume = ["--resume"] if (folder / "checkpoint.pt").exists() else []
-    argv = [*flags, "--seed", str(seed), "--out", str(folder), "--workers", "1", *resume, *args.extra]
+    argv = [*flags, "--seed", str(seed), "--out", str(folder), "--workers", "1", "--resume", "auto", *args.extra]
     if jitter is None:
         cmd = [sys.executable, str(ROOT / script), *argv]
     else:  # the preset's jitter is not a flag: this run's BatchAugment gets it as a keyword
