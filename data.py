@@ -1205,10 +1205,11 @@ class Run:
         if not log.is_file():
             return
         lines = log.read_text().splitlines(keepends=True)
-        late = [x for x in lines if self.state is None or json.loads(x).get("step", 0) > self.step]
+        late = [x for x in lines if self.state is None or not x.endswith("\n")  # or cut by the crash
+                or json.loads(x).get("step", 0) > self.step]
         if late:
             with open(self.out / "log.superseded.jsonl", "a") as f:
-                f.writelines(late)
+                f.writelines(x if x.endswith("\n") else x + "\n" for x in late)
             atomic_write_text(log, "".join(x for x in lines if x not in late))
 
     def epochs(self):
