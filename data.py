@@ -1313,9 +1313,17 @@ class Run:
     def draw(self, last=False):
         """curves.png beside the log, redrawn from it at an epoch's end (as often as keeps it under 5 % of the run's
         time: a demo epoch takes seconds, a draw 0.2 s) and at the stop."""
-        if self.master and (self.out / "log.jsonl").is_file() and (last or time.time() > self.drawn + 19 * self.cost):
+        if not self.master or self.cost == math.inf or not (self.out / "log.jsonl").is_file():
+            return
+        if last or time.time() > self.drawn + 19 * self.cost:
             t = time.time()
-            _demo().plot_runs([(self.out.name, self.out)], self.out / "curves.png")
+            try:
+                _demo().plot_runs([(self.out.name, self.out)], self.out / "curves.png")
+            except ModuleNotFoundError as e:  # a script copied beside data.py alone: demo.py draws the curves
+                if e.name != "demo":
+                    raise
+                print("no curves.png: demo.py, which draws them, is not beside data.py", file=sys.stderr)
+                t = -math.inf  # never again in this run
             self.drawn, self.cost = time.time(), time.time() - t
 
     def warn_once(self, condition, message):

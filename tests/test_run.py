@@ -86,7 +86,7 @@ def test_save_every_and_sigint(tmp_path, demo):
                "--out", out)
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert (ck["step"], ck["epoch_step"], ck["epoch_done"]) == (7, 7, False)
-    assert set(ck["rng"]) >= {"torch", "views"} and ck["loss_sum"].shape == ()
+    assert set(ck["ranks"][0]["rng"]) >= {"torch", "views"} and ck["ranks"][0]["loss_sum"].shape == ()
 
 
 def test_convirt_temperature_trains_at_batch_256(tmp_path, demo, monkeypatch):
@@ -169,6 +169,7 @@ def test_one_script_copied_alone_runs_on_a_few_dicoms(tmp_path, demo):
                    "--cache-dir", "", "--out", "run", cwd=work)
     assert "checkpoint:" in p.stdout and len(logged_losses(work / "run")) == 2
     assert not (work / "demo.py").exists() and not (work / "runs").exists()
+    assert "no curves.png: demo.py, which draws them, is not beside data.py" in p.stderr
 
 
 def test_every_flag_the_readme_names_is_in_that_scripts_help(capsys):
