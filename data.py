@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import csv
 import functools
-import importlib
 import importlib.util
 import json
 import math
@@ -961,6 +960,8 @@ def parse_args(p, argv=None):
     args = p.parse_args(argv)
     if args.resume == "auto" and not args.out:
         p.error("--resume auto needs --out: the run folder that every restart continues")
+    if args.report_to and importlib.util.find_spec("demo") is None:
+        p.error("--report-to: demo.py, which holds the trackers, is not beside data.py: copy it there")
     for name in filter(None, args.report_to.split(",")):  # said now, not after the images are decoded
         if name not in ("tensorboard", "wandb") or importlib.util.find_spec(name) is None:
             p.error(f"--report-to {name}: " + (f"not installed: pip install {name}" if name in ("tensorboard", "wandb")
@@ -1192,7 +1193,7 @@ class Run:
                 atomic_write_text(self.out / "args.json", json.dumps(vars(self.args), indent=1))
             self.log_file = open(self.out / "log.jsonl", "a")
             if self.args.report_to:
-                self.tracker = Tracker(self.args.report_to.split(","), self.out, vars(self.args), self.step)
+                self.tracker = _demo().Tracker(self.args.report_to.split(","), self.out, vars(self.args), self.step)
             print(f"{summary}, {self.world} process(es) on {self.device}, run folder {self.out}")
         if threading.current_thread() is threading.main_thread():  # a preempted job saves, then stops
             for sig in self.stop_signals:
@@ -1435,61 +1436,11 @@ def knn_accuracy(bank, bank_y, queries, query_y, k=KNN_K, t=KNN_T):
     return float((votes.argmax(1) == query_y).float().mean())
 
 
-# ---------------------------------------------------------------------------------------------- Curves and trackers
-class Tracker:
-    """--report-to tensorboard,wandb: each logged line mirrored at its step, to RUN/tensorboard and to W&B (its
-    run id in RUN/wandb-id). A resume from step `start_step` continues the same step axis and the same W&B run;
-    TensorBoard hides what the interrupted run logged after its checkpoint. Rank 0 only."""
-
-    def __init__(self, report_to, run_dir, args, start_step=0):
-        self.tb = self.wandb = None
-        for name in report_to:  # the package, or one line saying how to install it
-            try:
-                module = importlib.import_module({"tensorboard": "torch.utils.tensorboard"}.get(name, name))
-            except ImportError:
-                raise ImportError(f"--report-to {name}: {name} is not installed: pip install {name}") from None
-            if name == "tensorboard":  # it hides what was logged from purge_step on: after the checkpoint, or all
-                log_dir = str(Path(run_dir) / "tensorboard")
-                self.tb = module.SummaryWriter(log_dir, purge_step=start_step + 1 if start_step else 0)
-            elif name == "wandb":
-                self.wandb = self._wandb(module, Path(run_dir), args)
-
-    @staticmethod
-    def _wandb(wandb, run_dir, args):
-        """Offline (a cluster node has no network) unless WANDB_MODE says otherwise or an API key is there, in the
-        environment or in the ~/.netrc that `wandb login` writes. The run id: made once, reused on resume."""
-        id_file, netrc = run_dir / "wandb-id", Path.home() / ".netrc"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not id_file.exists():
-            atomic_write_text(id_file, os.urandom(4).hex())
-        key = os.environ.get("WANDB_API_KEY") or netrc.is_file() and "api.wandb.ai" in netrc.read_text()
-        return wandb.init(project=os.environ.get("WANDB_PROJECT", "medssl"), name=run_dir.name, dir=str(run_dir),
-                          id=id_file.read_text().strip(), resume="allow", config=args,
-                          mode=os.environ.get("WANDB_MODE") or ("online" if key else "offline"))
-
-    def log(self, rec):
-        """Every number of a logged line at the line's step; a list ("lrs") as one value per group ("lrs/0", ...)."""
-        flat = {f"{k}/{i}" if isinstance(v, list) else k: x for k, v in rec.items() if k != "step"
-                for i, x in enumerate(v if isinstance(v, list) else [v])}
-        scalars = {k: float(x) for k, x in flat.items() if isinstance(x, (int, float))}
-        if self.tb:
-            for k, x in scalars.items():
-                self.tb.add_scalar(k, x, rec["step"])
-        if self.wandb:
-            self.wandb.log(scalars, step=rec["step"])
-
-    def close(self):
-        if self.tb:
-            self.tb.close()
-        if self.wandb:
-            self.wandb.finish()
-
-
 # --------------------------------------------------- The demo data set: demo.py, imported only when it is asked for
 def __getattr__(name):
-    """data.demo_root, demo_pairs, demo_images, demo_labelled, and plot_runs / read_log (the curves: matplotlib
-    loads only when one is drawn) (PEP 562): from demo.py, loaded on first use."""
-    if name.startswith("demo_") or name in ("DEMO_VERSION", "plot_runs", "read_log"):
+    """data.demo_root, demo_pairs, demo_images, demo_labelled, plot_runs, read_log and Tracker (the curves and the
+    trackers: matplotlib and the trackers' packages load only when used) (PEP 562): from demo.py, on first use."""
+    if name.startswith("demo_") or name in ("DEMO_VERSION", "plot_runs", "read_log", "Tracker"):
         return getattr(_demo(), name)
     raise AttributeError(f"module 'data' has no attribute {name!r}")
 

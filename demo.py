@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import csv
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -27,8 +28,9 @@ import numpy as np
 import torch
 import torchvision.transforms.v2 as T
 
-from data import (CHEXPERT_14, HERLEV_CLASSES, ImageDataset, default_cache_dir, eval_split, file_lock,
-                  fit_square, load_image, mimic_cxr_pairs, patient_split, read_class_folders, read_rsna_labels)
+from data import (CHEXPERT_14, HERLEV_CLASSES, ImageDataset, atomic_write_text, default_cache_dir, eval_split,
+                  file_lock, fit_square, load_image, mimic_cxr_pairs, patient_split, read_class_folders,
+                  read_rsna_labels)
 
 # ----------------------------------------------------------------------------------
 # The demo data set's accessors (data.demo_root, ... reach them through data.__getattr__)
@@ -571,7 +573,8 @@ def bench_cache(n=40, size=224, source_size=2048, workers=0):
 
 
 # ----------------------------------------------------------------------------------
-# Curves: data.plot_runs draws here, so that matplotlib loads only when a picture is asked for
+# Curves and trackers: data.Run draws and reports through these (matplotlib and the trackers' packages load
+# only when used)
 # ----------------------------------------------------------------------------------
 _FAINT, _DASHED = dict(alpha=0.35, lw=0.8), dict(ls="--", lw=1.0)
 _BOLD = [dict(lw=1.6, ls=ls) for ls in ("-", ":", "-.")]  # a run's several series in one panel, told apart
@@ -641,6 +644,55 @@ def plot_runs(runs, out):
     fig.savefig(tmp, format="png", dpi=80)
     os.replace(tmp, out)  # a viewer (or the README) never sees half a picture
     return {panel: {name: s[:2] for name, s in series.items()} for panel, series in drawn.items()}
+
+
+class Tracker:
+    """--report-to tensorboard,wandb: each logged line mirrored at its step, to RUN/tensorboard and to W&B (its
+    run id in RUN/wandb-id). A resume from step `start_step` continues the same step axis and the same W&B run;
+    TensorBoard hides what the interrupted run logged after its checkpoint. Rank 0 only."""
+
+    def __init__(self, report_to, run_dir, args, start_step=0):
+        self.tb = self.wandb = None
+        for name in report_to:  # the package, or one line saying how to install it
+            try:
+                module = importlib.import_module({"tensorboard": "torch.utils.tensorboard"}.get(name, name))
+            except ImportError:
+                raise ImportError(f"--report-to {name}: {name} is not installed: pip install {name}") from None
+            if name == "tensorboard":  # it hides what was logged from purge_step on: after the checkpoint, or all
+                log_dir = str(Path(run_dir) / "tensorboard")
+                self.tb = module.SummaryWriter(log_dir, purge_step=start_step + 1 if start_step else 0)
+            elif name == "wandb":
+                self.wandb = self._wandb(module, Path(run_dir), args)
+
+    @staticmethod
+    def _wandb(wandb, run_dir, args):
+        """Offline (a cluster node has no network) unless WANDB_MODE says otherwise or an API key is there, in the
+        environment or in the ~/.netrc that `wandb login` writes. The run id: made once, reused on resume."""
+        id_file, netrc = run_dir / "wandb-id", Path.home() / ".netrc"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not id_file.exists():
+            atomic_write_text(id_file, os.urandom(4).hex())
+        key = os.environ.get("WANDB_API_KEY") or netrc.is_file() and "api.wandb.ai" in netrc.read_text()
+        return wandb.init(project=os.environ.get("WANDB_PROJECT", "medssl"), name=run_dir.name, dir=str(run_dir),
+                          id=id_file.read_text().strip(), resume="allow", config=args,
+                          mode=os.environ.get("WANDB_MODE") or ("online" if key else "offline"))
+
+    def log(self, rec):
+        """Every number of a logged line at the line's step; a list ("lrs") as one value per group ("lrs/0", ...)."""
+        flat = {f"{k}/{i}" if isinstance(v, list) else k: x for k, v in rec.items() if k != "step"
+                for i, x in enumerate(v if isinstance(v, list) else [v])}
+        scalars = {k: float(x) for k, x in flat.items() if isinstance(x, (int, float))}
+        if self.tb:
+            for k, x in scalars.items():
+                self.tb.add_scalar(k, x, rec["step"])
+        if self.wandb:
+            self.wandb.log(scalars, step=rec["step"])
+
+    def close(self):
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
 
 
 # ----------------------------------------------------------------------------------
