@@ -9,6 +9,7 @@ are drawn (`data.plot_runs`).
     python data.py demo /tmp/demo                          # write the demo data set and print a summary
     python data.py demo /tmp/pairs --studies 4096 --size 256  # a larger image-report set for GPU work
     python data.py bench-cache                             # images/s: decoding full-size DICOM vs the cache
+    python data.py cache --data ROOT --size 224            # decode a data set into the cache before training
     python data.py plot softmax=runs/a sigmoid=runs/b      # the runs' curves overlaid, in curves.png
 """
 import argparse
@@ -28,9 +29,9 @@ import numpy as np
 import torch
 import torchvision.transforms.v2 as T
 
-from data import (CHEXPERT_14, HERLEV_CLASSES, ImageDataset, atomic_write_text, default_cache_dir, eval_split,
-                  file_lock, fit_square, load_image, mimic_cxr_pairs, patient_split, read_class_folders,
-                  read_rsna_labels)
+from data import (CHEXPERT_14, HERLEV_CLASSES, BadImageError, DecodeCache, ImageDataset, _read_csv, atomic_write_text,
+                  default_cache_dir, eval_split, file_lock, find_images, fit_square, load_image, mimic_cxr_pairs,
+                  patient_split, read_class_folders, read_rsna_labels, train_side)
 
 # ----------------------------------------------------------------------------------
 # The demo data set's accessors (data.demo_root, ... reach them through data.__getattr__)
@@ -696,6 +697,42 @@ class Tracker:
 
 
 # ----------------------------------------------------------------------------------
+# python data.py cache: the decode cache built before the training run, on every core
+# ----------------------------------------------------------------------------------
+def cache_paths(a):
+    """The images a script reads with these data options: MIMIC-CXR as convirt.py takes it (with --metadata-csv or
+    --split-csv: the frontal views of the train split), a CSV's image column, or every image under a folder."""
+    if a.metadata_csv or a.split_csv:
+        return mimic_cxr_pairs(a.data, a.metadata_csv, a.split_csv, "train" if a.split_csv else None)[0]
+    if a.data.endswith(".csv"):  # relative paths from --image-root, else the CSV's folder, as the scripts read them
+        root = Path(a.image_root or Path(a.data).parent)
+        return [str(root / r[a.image_col]) for r in _read_csv(a.data, [a.image_col])]
+    return find_images(a.data)
+
+
+def cpu_cores():
+    """The cores this process may run on (under Slurm: its --cpus-per-task), else every core."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def build_cache(a):
+    """Decode the images into the cache at the side(s) the named scripts look up; one summary line per side."""
+    paths, workers = cache_paths(a), a.workers or cpu_cores()
+    sides = {"pretrain": [train_side(a.size)], "finetune": [a.size], "both": [train_side(a.size), a.size]}[a.script]
+    for side in sides:
+        cache, t = DecodeCache(a.cache_dir, side, a.channels), time.perf_counter()
+        slots, bad = cache.build(paths, workers=workers, progress=True)
+        took = time.perf_counter() - t
+        procs = f"{workers} process" + "es" * (workers > 1)
+        print(f"{cache.dir}: {sum(s >= 0 for s in slots)} of {len(paths)} images cached, {cache.misses} decoded "
+              f"now in {took:.0f} s ({cache.misses / max(took, 1e-9):.1f} images/s, {procs}), {len(bad)} unreadable")
+        for reason in list(bad.values())[:5]:
+            print(f"  {reason}")
+        if bad:
+            print("  (a training run stops on them unless --skip-bad; a missing decoder is tried again next time)")
+
+
+# ----------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------
 
@@ -715,11 +752,35 @@ def main(argv=None):
     b.add_argument("--size", type=int, default=224, help="target size")
     b.add_argument("--source-size", type=int, default=2048, help="side of the DICOMs (MIMIC-CXR's are ~2500-3000)")
     b.add_argument("--workers", type=int, default=0, help="processes that build the cache")
-    c = sub.add_parser("plot", help="several runs' curves (their log.jsonl) overlaid panel by panel, in one PNG")
-    c.add_argument("runs", nargs="+", metavar="RUN", help="a run folder, or NAME=RUN to label it NAME")
-    c.add_argument("--out", default="curves.png", help="the PNG (default: curves.png here; each run keeps its own)")
+    c = sub.add_parser("cache", help="decode a data set into the decode cache before training, on every core",
+                       description="Decode every image once into the decode cache, with the data options the training "
+                       "script will get; the run then finds each image cached and starts at once. A killed build "
+                       "resumes where it stopped.")
+    c.add_argument("--data", required=True, help="folder of images/DICOMs, a CSV with an image column, or a MIMIC-CXR("
+                   "-JPG) root (with --metadata-csv / --split-csv, as convirt.py takes it)")
+    c.add_argument("--image-col", default="path", help="CSV column with the image path")
+    c.add_argument("--image-root", default=None, help="CSV: folder its relative paths start from (default: its own)")
+    c.add_argument("--metadata-csv", default=None, help="mimic-cxr-2.0.0-metadata.csv: frontal views only")
+    c.add_argument("--split-csv", default=None, help="mimic-cxr-2.0.0-split.csv: its train split only")
+    c.add_argument("--size", type=int, default=224, help="the script's --size (default 224)")
+    c.add_argument("--channels", type=int, default=1, choices=[1, 3],
+                   help="the script's channels (default 1; 3: cytology)")
+    c.add_argument("--for", dest="script", default="pretrain", choices=["pretrain", "finetune", "both"],
+                   help="pretrain: convirt, simclr, byol, barlow (they cache at 8/7 of --size, 256 for 224); "
+                        "finetune: finetune.py (at --size); both (default: pretrain)")
+    c.add_argument("--cache-dir", default=default_cache_dir(),
+                   help="the scripts' --cache-dir (default: $MEDSSL_CACHE or ~/.cache/medssl, as theirs)")
+    c.add_argument("--workers", type=int, default=0, help=f"decoding processes (0: every core, {cpu_cores()} here)")
+    g = sub.add_parser("plot", help="several runs' curves (their log.jsonl) overlaid panel by panel, in one PNG")
+    g.add_argument("runs", nargs="+", metavar="RUN", help="a run folder, or NAME=RUN to label it NAME")
+    g.add_argument("--out", default="curves.png", help="the PNG (default: curves.png here; each run keeps its own)")
     a = p.parse_args(argv)
-    if a.cmd == "plot":  # NAME=RUN, or RUN labelled by its folder's name
+    if a.cmd == "cache":
+        try:
+            build_cache(a)
+        except (ValueError, FileNotFoundError, BadImageError) as e:  # the message, not a traceback
+            raise SystemExit(f"data.py cache: {e}") from None
+    elif a.cmd == "plot":  # NAME=RUN, or RUN labelled by its folder's name
         runs = [r.split("=", 1) if "=" in r and not Path(r).exists() else (Path(r).resolve().name, r) for r in a.runs]
         try:
             plot_runs(runs, a.out)

@@ -1,4 +1,5 @@
 """data.py: DICOM and image reading, reports, label files, splits, the cache, augmentation, demo."""
+import json
 import shutil
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 from pydicom.data import get_testdata_file
 
 import data
@@ -430,6 +431,133 @@ def test_cache_with_decode_workers(tmp_path, demo):
     direct = data.fit_square(data.load_image(files[5]), 24)
     assert torch.allclose(c.read(slots[5]), direct, atol=0.5 / 255 + 1e-6)  # uint8: rounded to the nearest level
     assert torch.equal(c.read(slots[5], uint8=True), (direct * 255).round().to(torch.uint8))
+
+
+def noise_pngs(folder, n, side=24):
+    """n small PNGs of distinct noise: a slot that holds another image's pixels cannot go unseen."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (side, side), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    return sorted(str(p) for p in folder.iterdir())
+
+
+def fresh_uint8(path, size):  # the image decoded now, as the cache stores it
+    return (data.fit_square(data.load_image(path), size) * 255).round().to(torch.uint8)
+
+
+def test_cache_build_under_a_file_size_limit_stops_in_one_line_and_keeps_what_it_recorded(tmp_path):
+    paths, cache = noise_pngs(tmp_path / "imgs", 40), tmp_path / "cache"
+    # slots of 32 x 32 = 1,024 bytes, recorded every 4; the limit (as a full disk or a quota) is 10.5 slots: slot 10's
+    # write is cut short, the build stops with slots 0-9 on disk and recorded, and the half slot is cut off
+    code = ("import resource, signal, data, demo; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (10752, 10752)); data.DecodeCache.save_images = 4; "
+            f"demo.main(['cache', '--data', {str(tmp_path / 'imgs')!r}, '--for', 'finetune', '--size', '32', "
+            f"'--workers', '1', '--cache-dir', {str(cache)!r}])")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    folder = cache / "32px-1ch-uint8"
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr  # one line, after the progress bar's
+    assert p.stderr.strip().splitlines()[-1] == f"data.py cache: {folder}: cannot write the cache (File too large); " \
+                                               "what it holds stays"
+    assert (folder / "pixels.bin").stat().st_size == 10 * 1024
+    c = data.DecodeCache(cache, 32, 1)
+    slots, bad = c.build(paths)
+    assert (c.misses, bad, sorted(slots)) == (30, {}, list(range(40)))  # only the 30 not recorded are decoded
+    assert all(torch.equal(c.read(s, uint8=True), fresh_uint8(p, 32)) for s, p in zip(slots, paths))
+    assert (folder / "pixels.bin").stat().st_size == 40 * 1024
+
+
+def test_cache_build_killed_midway_resumes_where_it_stopped(tmp_path):
+    paths, cache = noise_pngs(tmp_path / "imgs", 40), tmp_path / "cache"
+    # recorded every 10 images; SIGKILL (nothing runs after it) as the 25th is decoded: 20 recorded, 24 written
+    code = """if True:
+        import os, signal, sys, data
+        data.DecodeCache.save_images, fit, calls = 10, data.fit_square, []
+        def fit_then_kill(*a, **k):
+            calls.append(1)
+            if len(calls) == 25:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return fit(*a, **k)
+        data.fit_square = fit_then_kill
+        data.DecodeCache(sys.argv[1], 32, 1).build(sys.argv[2:])"""
+    p = subprocess.run([sys.executable, "-c", code, str(cache), *paths], cwd=ROOT, capture_output=True, timeout=300)
+    folder = cache / "32px-1ch-uint8"
+    assert p.returncode == -9 and (folder / "pixels.bin").stat().st_size == 24 * 1024  # 4 slots not yet recorded
+    c = data.DecodeCache(cache, 32, 1)
+    slots, bad = c.build(paths)
+    assert (c.misses, bad, sorted(slots)) == (20, {}, list(range(40)))  # the 20 recorded are not decoded again
+    assert all(torch.equal(c.read(s, uint8=True), fresh_uint8(p, 32)) for s, p in zip(slots, paths))
+    assert (folder / "pixels.bin").stat().st_size == 40 * 1024  # the 4 orphaned slots written over, not kept
+
+
+def test_cache_tries_a_file_again_once_its_missing_decoder_is_installed(tmp_path, monkeypatch):
+    path = tf("JPGExtended.dcm")  # JPEG Extended: pylibjpeg-libjpeg decodes it
+
+    def missing(self):  # what pydicom says when no plugin that decodes the syntax is installed
+        raise RuntimeError("Unable to decompress 'JPEG Extended (Process 2 and 4)' pixel data because all plugins "
+                           "are missing dependencies:\n\tpylibjpeg - requires pylibjpeg-libjpeg")
+    with monkeypatch.context() as m:
+        m.setattr(pydicom.dataset.Dataset, "pixel_array", property(missing))
+        slots, bad = data.DecodeCache(tmp_path, 16, 1).build([path])
+    assert slots == [-1] and "needs a decoder that is not installed: pip install pylibjpeg" in bad[path]
+    c = data.DecodeCache(tmp_path, 16, 1)
+    slots, bad = c.build([path])  # the decoder is there now: the file is decoded, not remembered as unreadable
+    assert (c.misses, bad, slots) == (1, {}, [0]) and torch.equal(c.read(0, uint8=True), fresh_uint8(path, 16))
+    # a cache written before remembered it: its entry is dropped and the file decoded
+    index = json.loads(c.index_path.read_text())
+    index["bad"], index["slots"] = {k: "x.dcm: ... needs a decoder that is not installed: pip install" for k in
+                                    index["slots"]}, {}
+    c.index_path.write_text(json.dumps(index))
+    assert c.build([path]) == ([0], {}) and c.misses == 1
+
+
+def test_cache_command_then_a_script_with_the_same_data_options_decodes_nothing(tmp_path):
+    noise_pngs(tmp_path / "imgs", 8, side=40)
+    cache = tmp_path / "cache"
+    p = run_script("data.py", "cache", "--data", tmp_path / "imgs", "--size", "32", "--workers", "1",
+                   "--cache-dir", cache)
+    index = cache / f"{data.train_side(32)}px-1ch-uint8" / "index.json"  # pretraining caches at 8/7 of the crop
+    assert f"{index.parent}: 8 of 8 images cached, 8 decoded now" in p.stdout
+    before = index.stat().st_mtime_ns, index.read_bytes()
+    run_script("simclr.py", "--data", tmp_path / "imgs", "--size", "32", "--arch", "resnet18", "--batch-size", "4",
+               "--epochs", "1", "--max-steps", "1", "--workers", "0", "--cache-dir", cache, "--out", tmp_path / "run")
+    assert (index.stat().st_mtime_ns, index.read_bytes()) == before  # a decoded image would rewrite the index
+
+
+def test_jpeg_draft_decode_stays_within_its_stated_bound_of_the_full_decode(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    img = demo_py.chest_phantom(rng, 528, {"effusion": "left"}) + rng.normal(0, 0.01, (528, 528))
+    for name, (h, w) in (("even.jpg", (528, 440)), ("odd.jpg", (527, 437))):
+        Image.fromarray(np.rint(img[:h, 44:44 + w].clip(0, 1) * 255).astype(np.uint8)).save(tmp_path / name, quality=95)
+    original, scales = JpegImagePlugin.JpegImageFile.draft, []
+
+    def spy(self, mode, size):
+        width = self.size[0]
+        original(self, mode, size)
+        scales.append(width // self.size[0])
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    for size in (16, 32, 64):  # the largest scale that leaves 2 x size: 440 / 8 = 55 >= 32, 440 / 4 = 110 >= 64, ...
+        full = data.fit_square(data.load_image(tmp_path / "even.jpg"), size)
+        d = (data.fit_square(data.load_image(tmp_path / "even.jpg", 1, size), size) - full).abs() * 255
+        assert d.mean() <= 0.5 and d.max() <= 4, (size, float(d.mean()), float(d.max()))  # the docstring's bound
+        odd = tmp_path / "odd.jpg"  # no scale divides 527 x 437: decoded in full
+        assert torch.equal(data.fit_square(data.load_image(odd, 1, size), size),
+                           data.fit_square(data.load_image(odd), size))
+    assert scales == [8, 4, 2]
+
+
+def test_decode_benchmark_runs_end_to_end(tmp_path):
+    # benchmarks/bench_decode.py on tiny sources, so it never rots (no speed asserted); --old: this very data.py
+    out = tmp_path / "b.json"
+    run_script("benchmarks/bench_decode.py", "--old", ROOT / "data.py", "--n", "1", "--repeats", "1", "--build-n", "2",
+               "--workers", "1", "--startup", "20", "30", "--source-scale", "0.05", "--size", "16", "--out", out)
+    res = json.loads(out.read_text())
+    assert [r["format"] for r in res["formats"]] == ["JPEG 2500x3000", "PNG 2048^2", "DICOM 2048^2", "DICOM 2048^2 RLE"]
+    # the same code: the same pixels, but for the JPEG's draft decode (old: load_image without the size)
+    assert [r["max_diff"] == 0 for r in res["formats"]] == [False, True, True, True]
+    assert res["formats"][0]["max_diff"] < 4
+    assert [(r["code"], r["workers"]) for r in res["build"]] == [("new", 1), ("old", 1)]
+    assert [r["files"] for r in res["startup"]] == [20, 20, 30, 30, 377110, 377110]
 
 
 def test_dataset_skip_bad(tmp_path, demo):
