@@ -70,10 +70,9 @@ def get_args(argv=None):
     data.set_defaults(args, arch=("resnet18", "resnet50"), size=(64, 224), batch_size=(32, 64))
     # demo: 192 pairs make 6 steps an epoch; the loss sits on its collapse value ~300 steps, a ResNet-50's ~600
     data.set_defaults(args, epochs=(300 if args.arch == "resnet50" else 150, 50))  # (RESULTS.md)
-    args.text_lr = args.text_lr if args.text_lr is not None else (3e-5 if args.text_model else args.lr)
     if args.batch_size < 2:
         p.error("--batch-size must be at least 2: a contrastive loss needs negatives in the batch")
-    if args.lr <= 0 or args.text_lr <= 0:
+    if args.lr <= 0 or (args.text_lr is not None and args.text_lr <= 0):
         p.error("--lr and --text-lr must be > 0")
     if args.freeze_text_layers < 0 or args.epochs < 1 or args.size < 16:
         p.error("--freeze-text-layers must be >= 0, --epochs >= 1 and --size >= 16")
@@ -472,7 +471,8 @@ def main(argv=None):
     other = [p for name, p in model.named_parameters() if p.requires_grad and name not in ("t_prime", "bias")
              and not name.startswith("text_encoder.") and all(p is not q for q in head)]
     groups = [{"params": other, "lr": args.lr}, {"params": head, "lr": args.head_lr or args.lr * 512 / model.dim},
-              {"params": text_params, "lr": args.text_lr}, {"params": scalars, "lr": args.lr, "weight_decay": 0.0}]
+              {"params": text_params, "lr": args.text_lr or (3e-5 if args.text_model else args.lr)},  # follows --lr
+              {"params": scalars, "lr": args.lr, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups[:1] + groups[2:] if legacy else groups, weight_decay=args.weight_decay)
     total = args.epochs * len(loader)
     warmup = max(1, int(args.warmup * total))

@@ -978,7 +978,6 @@ class BatchAugment:
 # The scripts keep what teaches their method (model, loss, the all-gather that gives the loss its global batch,
 # optimiser, schedule, the training step); what follows they all do alike.
 
-# Flags that may differ on a resume, read afresh (lr and weight decay into the optimizer): others are refused
 RESUMABLE = {"out", "resume", "max_steps", "save_every", "log_every", "workers", "device", "compile", "cache_dir",
              "skip_bad", "report_to", "stop_signals", "deterministic", "knn_every", "eval_every", "epochs", "lr",
              "weight_decay", "head_lr", "text_lr"}
@@ -1006,10 +1005,14 @@ def add_run_args(p, name):
 
 
 def parse_args(p, argv=None):
-    """Parse; on a resume, the run's own args.json under the flags given again (kept in args.overrides)."""
+    """Parse; on a resume, the run's own args.json under the flags given again (kept in args.overrides): those in
+    RESUMABLE, read afresh (lr and weight decay go into the optimizer, Run.checkpoint); any other is refused."""
     args = p.parse_args(argv)
     if args.resume == "auto" and not args.out:
         p.error("--resume auto needs --out: the run folder that every restart continues")
+    sigs = [s.strip().upper().removeprefix("SIG") for s in args.stop_signals.split(",") if s.strip()]
+    if bad := [s for s in sigs if "SIG" + s not in signal.Signals.__members__ or s in ("KILL", "STOP")]:
+        p.error(f"--stop-signals: {bad[0]} is not a signal a process can catch")
     if args.report_to and importlib.util.find_spec("demo") is None:
         p.error("--report-to: demo.py, which holds the trackers, is not beside data.py: copy it there")
     for name in filter(None, args.report_to.split(",")):  # said now, not after the images are decoded
@@ -1024,7 +1027,10 @@ def parse_args(p, argv=None):
     unset = object()  # argparse fills only what a namespace lacks: what stays `unset` was not given
     given = {k: v for k, v in vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))).items()
              if v is not unset}
-    first = {k: v for k, v in json.loads(saved.read_text()).items() if k not in ("max_steps", "overrides")}
+    first, resumes = json.loads(saved.read_text()), saved.parent / "resumes.jsonl"
+    for line in resumes.read_text().splitlines() if resumes.is_file() else []:
+        first.update(json.loads(line).get("overrides", {}))  # what each resume changed stays in force
+    first = {k: v for k, v in first.items() if k not in ("max_steps", "overrides")}
     args = argparse.Namespace(**{**vars(args), **first, **given})
     args.overrides = {k: v for k, v in given.items() if k not in ("resume", "out") and first.get(k) != v}
     for k in sorted(set(args.overrides) - RESUMABLE):
@@ -1117,8 +1123,7 @@ class ResumableSampler(torch.utils.data.distributed.DistributedSampler):
 
 
 def _quiet_worker(signals, _):
-    """DataLoader workers leave the stop signals to the main process: a signal to the whole process group (Slurm,
-    torchrun's agent) then stops the run at a step with a checkpoint instead of killing its workers under it."""
+    """Workers leave the stop signals to the main process: one to the whole process group stops the run at a step."""
     for sig in signals:
         signal.signal(sig, signal.SIG_IGN)
 
@@ -1149,11 +1154,8 @@ class Run:
         if a.batch_size % self.world:
             raise SystemExit(f"--batch-size {a.batch_size} must be divisible by the number of processes ({self.world})")
         self.local_batch = a.batch_size // self.world
-        try:
-            self.stop_signals = [signal.Signals["SIG" + s.strip().upper().removeprefix("SIG")]
-                                 for s in a.stop_signals.split(",") if s.strip()]
-        except KeyError as e:
-            raise SystemExit(f"--stop-signals: unknown signal {e.args[0]}") from None
+        self.stop_signals = [signal.Signals["SIG" + s.strip().upper().removeprefix("SIG")]
+                             for s in a.stop_signals.split(",") if s.strip()]  # checked by parse_args
         torch.manual_seed(a.seed)
         np.random.seed(a.seed)
         if a.deterministic:
@@ -1168,8 +1170,7 @@ class Run:
         self.step = self.epoch = self.epoch_step = 0
         self.epoch_done, self.stopped, self.warned, self.signal, self.log_file, self.handlers = \
             True, False, False, None, None, {}
-        self.bar = self.tracker = None
-        self.drawn = self.cost = 0.0
+        self.bar, self.tracker, self.drawn, self.cost = None, None, 0.0, 0.0
 
     def prepare(self, model):
         """On the device; on CUDA in channels_last and, under torchrun, with SyncBatchNorm (the CPU: per process)."""
@@ -1259,8 +1260,8 @@ class Run:
         if not log.is_file():
             return
         lines = log.read_text().splitlines(keepends=True)
-        late = [x for x in lines if self.state is None or not x.endswith("\n")  # or cut by the crash
-                or json.loads(x).get("step", 0) > self.step]
+        late = [x for x in lines if self.state is None or not re.match(r'{"(step|epoch)": -?\d+.*}\n$', x)  # or torn
+                or json.loads(x)["step"] > self.step]
         if late:
             with open(self.out / "log.superseded.jsonl", "a") as f:
                 f.writelines(x if x.endswith("\n") else x + "\n" for x in late)
@@ -1324,9 +1325,10 @@ class Run:
                 break
         else:
             self.epoch_done = True
-        self.write({"epoch": self.epoch, "step": self.step, "epoch_loss": self.epoch_loss(), **epoch_line})
-        if self.epoch_done and not self.stopped:  # (at --max-steps the step saved it)
-            self.save()
+        if self.epoch_done:  # the whole epoch's mean (at --max-steps inside it: none; the step saved the checkpoint)
+            self.write({"epoch": self.epoch, "step": self.step, "epoch_loss": self.epoch_loss(), **epoch_line})
+            if not self.stopped:
+                self.save()
 
     def track(self, loss):
         """The step's loss into the epoch's mean (on the device: no sync); True on a logging step."""
@@ -1365,8 +1367,7 @@ class Run:
                 self.tracker.log(rec)
 
     def draw(self, last=False):
-        """curves.png beside the log, redrawn from it at an epoch's end (as often as keeps it under 5 % of the run's
-        time: a demo epoch takes seconds, a draw 0.2 s) and at the stop."""
+        """curves.png from the log, at an epoch's end (drawing kept under 5 % of the run's time) and at the stop."""
         if self.master and self.cost < math.inf and (last or time.time() > self.drawn + 19 * self.cost):
             t = time.time()
             _demo().plot_runs([(self.out.name, self.out)], self.out / "curves.png")

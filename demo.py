@@ -654,7 +654,7 @@ class Tracker:
 
     def __init__(self, report_to, run_dir, args, start_step=0):
         self.tb = self.wandb = None
-        for name in report_to:  # the package, or one line saying how to install it
+        for name in filter(None, report_to):  # the package, or one line saying how to install it
             try:
                 module = importlib.import_module({"tensorboard": "torch.utils.tensorboard"}.get(name, name))
             except ImportError:

@@ -150,10 +150,10 @@ def _columns(kind, y, s, thresholds, mask):
 
 
 def metrics(kind, y, s, thresholds=None, mask=None):
-    """AUC (macro; per class), F1 (at the thresholds for binary / multi-label, macro over the argmax for
-    multi-class), accuracy. kind: binary (s: n), multiclass (s: n x K probabilities), multilabel (s, y: n x K;
-    mask 0 leaves an entry out). A class that cannot be scored (no positive, no negative, all masked) has no AUC
-    (None) and is left out of every mean; None where no class can be scored."""
+    """AUC (macro; per class), F1 (at the thresholds for binary / multi-label, macro over the argmax for multi-class),
+    accuracy. kind: binary (s: n), multiclass (s: n x K probabilities), multilabel (s, y: n x K; mask 0 leaves an entry
+    out). A class that cannot be scored (no positive, no negative, all masked) has no AUC (None) and is left out of
+    every mean; None where no class can be scored."""
     if thresholds is None:
         thresholds = 0.5 if kind == "binary" else "argmax" if kind == "multiclass" else [0.5] * y.shape[1]
     cols = _columns(kind, y, s, thresholds, mask)
@@ -469,9 +469,9 @@ def fit_linear(kind, ftr, ytr, mtr, fva, yva, mva, seed, head):
 
 
 def knn_scorer(bank, y, kind, n_out, mask=None):
-    """The weighted kNN (data.knn_predict: k 20, T 0.07) on the label fraction's features: class probabilities.
-    Multi-label: a masked (uncertain) neighbour casts no vote for that label, as it adds nothing to the other modes'
-    loss: the label's score is sum(w y m) / sum(w m) over the k nearest, 0.5 where none of them knows it."""
+    """The weighted kNN (data.knn_predict: k 20, T 0.07) on the label fraction's features: class probabilities. A
+    masked (uncertain) neighbour casts no vote for that label, as it adds nothing to the other modes' loss: the
+    label's score is sum(w y m) / sum(w m) over the k nearest, 0.5 where none of them knows it."""
     y, m = torch.as_tensor(y).float(), torch.as_tensor(np.ones(np.shape(y)) if mask is None else mask).float()
     targets = torch.cat([y * m, m], 1) if kind == "multilabel" else F.one_hot(y.long(), max(n_out, 2))
 
@@ -487,9 +487,8 @@ def knn_scorer(bank, y, kind, n_out, mask=None):
 def prompt_sets(names, kind, path=None):
     """{set name: prompts}, prompts {label: {"pos": [...], "neg": [...]}} (the binary task's positive class, or each
     observation) or {class: [...]}. Default CheXzero's "{label}" / "no {label}" in lower case; from --prompts, set
-    "prompt i" takes each list's i-th prompt and "ensemble" all of them (the set is chosen on val). The file is
-    checked whole: a JSON error, a wrong shape, an empty list, an unknown label is one line naming file, label and
-    what was expected."""
+    "prompt i" takes each list's i-th prompt, "ensemble" all (chosen on val). The file is checked whole: a JSON error,
+    a wrong shape, an empty list, an unknown label is one line naming file, label and what was expected."""
     labels, multiclass = (names[1:] if kind == "binary" else names), kind == "multiclass"
     known = data.CHEXPERT_14 if set(labels) <= set(data.CHEXPERT_14) else ()  # observations this task left out
     if path:
@@ -612,9 +611,6 @@ def main(argv=None):
     out = Path(args.out or f"runs/finetune-{time.strftime('%Y%m%d-%H%M%S')}")
     if (out / "results.json").exists() and not args.resume:
         raise SystemExit(f"{out} already holds results: pass --resume to finish them, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "args.json").write_text(json.dumps(vars(args), indent=1))
-
     paths, labels, mask, names, ids, kind = load_task(args)
     sets = "zeroshot" in args.mode and prompt_sets(names, kind, args.prompts)  # a bad file: stopped before any work
     body = Path(args.prompts).read_bytes() if sets and args.prompts else json.dumps(sets, sort_keys=True).encode()
@@ -622,9 +618,13 @@ def main(argv=None):
     channels = args.channels or (3 if args.task in ("folder", "hicervix") else 1)
     rows = [(n, ("init", n)) for n in args.init]
     for spec in args.ckpt:
-        name, path = spec.split("=", 1) if "=" in spec else (Path(spec).parent.name, spec)
+        name, path = spec.split("=", 1) if "=" in spec else (Path(spec).parent.name, spec)  # a run's: its folder
+        if name in [r for r, _ in rows]:  # two files in one folder, say: one row would hold both
+            raise ValueError(f"two rows are named {name!r} (--ckpt {spec}): name each one, --ckpt NAME=PATH")
         load_encoder(path, args.arch)  # fail now, before any work, on a wrong file or arch
         rows.append((name, ("ckpt", path)))
+    out.mkdir(parents=True, exist_ok=True)  # only once every input is known good
+    (out / "args.json").write_text(json.dumps(vars(args), indent=1))
     tr, va, te, fraction_sets, split_record = make_split(args, paths, ids, labels, kind)
     data.atomic_write_text(out / "split.json", json.dumps(split_record, indent=1))
     mask_all = mask if mask is not None else np.ones(labels.shape, np.float32)  # 0: a label left out (uncertain)

@@ -145,6 +145,7 @@ def test_lr_given_on_resume_takes_effect_other_flags_are_refused_and_the_log_rea
     simclr.main([*args, "--max-steps", "4"])  # checkpoints at steps 3 and 4
     # a crash after the checkpoint at step 4 had logged steps 5 and 6: the resumed run logs them again
     crash = [json.dumps({"step": s, "epoch": 0, "loss": 99.0, "lr": 1.0}) + "\n" for s in (5, 6)]
+    crash.insert(1, "{not json, as a disk error might leave\n")  # moved aside too, not a stop
     with open(out / "log.jsonl", "a") as f:
         f.writelines(crash)
     simclr.main([*args, "--resume", "--lr", "0.05", "--weight-decay", "0.5", "--max-steps", "6"])
@@ -161,10 +162,16 @@ def test_lr_given_on_resume_takes_effect_other_flags_are_refused_and_the_log_rea
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert {g["weight_decay"] for g in ck["optimizer"]["param_groups"]} == {0.5}
     assert ck["scheduler"]["base_lrs"] == [0.05]
+    # a later plain resume keeps what the last one changed (it is in resumes.jsonl), rather than going back
+    simclr.main([*args, "--resume", "--max-steps", "7"])
+    lr = {r["step"]: r["lr"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r}
+    assert lr[7] == pytest.approx(0.05 * simclr.lr_factor(7, 12, 1))
     # what a checkpoint holds cannot change on resume: one line naming the flag, never "applied"
     err = usage_error(simclr.get_args, [*args, "--resume", "--arch", "resnet50"], capsys)
     assert "--arch was 'resnet18' when" in err and "cannot change on a resume" in err
     assert "--resume auto needs --out" in usage_error(simclr.get_args, ["--resume", "auto"], capsys)
+    assert "--stop-signals: KILL is not a signal a process can catch" in usage_error(
+        simclr.get_args, ["--stop-signals", "TERM,KILL"], capsys)
 
 
 def test_the_demo_build_draws_nothing_from_the_global_generators(tmp_path, monkeypatch):

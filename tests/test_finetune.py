@@ -543,3 +543,9 @@ def test_csv_task_split_and_intervals_by_patient_beside_a_torchvision_row(tmp_pa
     assert "--task csv: split and bootstrap by image, no patients named" in capsys.readouterr().out
     finetune.load_task(finetune.get_args(["--task", "folder", "--init", "random"]))
     assert "--task folder: split and bootstrap by image" in capsys.readouterr().out
+    # two unnamed files in one folder would be one row named after it (both encoders' cells merged): refused
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "tv2.pt")
+    with pytest.raises(ValueError, match=f"two rows are named '{tmp_path.name}'"):
+        finetune.main([*base, "--init", "random", "--ckpt", str(tmp_path / "tv.pt"), "--ckpt", str(tmp_path / "tv2.pt"),
+                       "--out", str(tmp_path / "two")])
+    assert not (tmp_path / "two").exists()  # nothing written before the inputs are known good
