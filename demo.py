@@ -589,7 +589,7 @@ def read_log(run_dir):
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such log (is {run_dir} a run folder?)")
     for line in path.read_text().splitlines():
-        with contextlib.suppress(ValueError):  # a line cut by a crash mid-write
+        with contextlib.suppress(ValueError, TypeError):  # a line cut by a crash mid-write, or not an object
             rec = json.loads(line)
             kind = ("step" if "loss" in rec else "epoch" if "epoch_loss" in rec
                     else "eval" if any(map(EVAL_KEY.match, rec)) else None)
@@ -784,7 +784,7 @@ def main(argv=None):
         runs = [r.split("=", 1) if "=" in r and not Path(r).exists() else (Path(r).resolve().name, r) for r in a.runs]
         try:
             plot_runs(runs, a.out)
-        except FileNotFoundError as e:
+        except OSError as e:  # a missing run, an --out that is a folder or cannot be written
             raise SystemExit(f"data.py plot: {e}") from None
         print(f"wrote {a.out}: " + ", ".join(label for label, _ in runs))
     elif a.cmd == "demo" and a.studies:
