@@ -71,7 +71,7 @@ def logged_losses(run_dir):
 
 
 def check_exact_resume(script, args, tmp_path, steps_per_epoch, rel=1e-5):
-    """A 2-epoch run (`args`) stopped by SIGTERM once it has logged two steps, resumed with a bare
+    """A 2-epoch run (`args`) stopped by SIGTERM to its process group once it has logged two steps, resumed with a bare
     `--resume --out DIR` and cut there by --max-steps two steps into epoch 1, then resumed bare again to its
     end, logs the same losses, step for step, as the same run uninterrupted. Both cuts fall inside an
     epoch: the resumed runs must skip exactly the batches done and draw what the whole run drew."""
@@ -86,11 +86,11 @@ def check_exact_resume(script, args, tmp_path, steps_per_epoch, rel=1e-5):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one)
     cut = tmp_path / "cut"
     p = subprocess.Popen([sys.executable, script, *map(str, args), "--out", str(cut)], cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None:
         if (cut / "log.jsonl").is_file() and len(logged_losses(cut)) >= 2:
-            p.send_signal(signal.SIGTERM)
+            os.killpg(p.pid, signal.SIGTERM)  # the whole process group, DataLoader workers too, as Slurm signals
             break
         time.sleep(0.02)
     out, err = p.communicate(timeout=300)

@@ -29,7 +29,7 @@ def test_convirt_scale_smoke(tmp_path, demo):
     # the seed-table script: runs, reads each run's log, writes the JSON the README's table and figure come from
     out = tmp_path / "scale.json"
     p = run_script("benchmarks/convirt_scale.py", "--variants", "heuristic", "softmax", "--seeds", "0", "--size", "32",
-                   "--runs", tmp_path / "runs", "--out", out, "--", "--epochs", "1", "--max-steps", "2", "--workers", "0",
+                   "--runs", tmp_path / "runs", "--out", out, "--", "--epochs", "1", "--batch-size", "96", "--workers", "0",
                    "--eval-every", "1")
     res = json.loads(out.read_text())
     assert [(r["variant"], r["seed"], r["size"]) for r in res["runs"]] == [("heuristic", 0, 32), ("softmax", 0, 32)]
