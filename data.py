@@ -1168,9 +1168,9 @@ class Run:
                              "or choose another --out")
         self.state = load_checkpoint(self.ckpt_path) if self.ckpt_path.exists() and a.resume else None
         self.step = self.epoch = self.epoch_step = 0
-        self.epoch_done, self.stopped, self.warned, self.signal, self.log_file, self.handlers = \
-            True, False, False, None, None, {}
-        self.bar, self.tracker, self.drawn, self.cost = None, None, 0.0, 0.0
+        self.epoch_done, self.stopped, self.warned, self.signal, self.log_file, self.handlers, self.bar, self.tracker \
+            = True, False, False, None, None, {}, None, None
+        self.drawn, self.cost = 0.0, math.inf if os.environ.get("MEDSSL_NO_CURVES") else 0.0  # 1: no curves.png
 
     def prepare(self, model):
         """On the device; on CUDA in channels_last and, under torchrun, with SyncBatchNorm (the CPU: per process)."""

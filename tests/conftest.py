@@ -21,6 +21,7 @@ os.environ["MEDSSL_DEMO_DIR"] = os.path.join(_TMP, "demo")
 os.environ["MEDSSL_CACHE"] = os.path.join(_TMP, "cache")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test may download
+os.environ["MEDSSL_NO_CURVES"] = "1"  # ~1 s of matplotlib a run, times the suite's runs; tests/test_curves.py draws
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
